@@ -1,0 +1,3 @@
+from nerd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,253 @@
+"""Typed configuration: the model, the equilibrium solver, the gradient and the training recipe.
+
+Every config is a frozen dataclass with the paper's values as defaults where the paper states one. Configs are
+read from TOML files (sections ``[model]``, ``[solver]``, ``[grad]``, ``[train]``) and travel as JSON inside
+checkpoints and shipped weights, so an artefact always carries the settings that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+Blocks = Literal["both", "nl", "trans"]
+EquilibriumKind = Literal["noise", "image"]
+SolverName = Literal["broyden", "anderson", "fixed_point"]
+GradMode = Literal["phantom", "implicit", "unrolled"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of NERD (paper Sec. III-IV); the defaults are the paper's model (1.40M parameters).
+
+    Attributes:
+        channels: feature width of injection, implicit layer and decoder (paper: 128).
+        heads: attention heads H of the non-local block (paper: 4, Table VI).
+        window: neighbourhood size q: each pixel attends to the q x q window centred on it (paper: 65, Table VIII).
+        expansion: width factor of the first 3x3 conv of the transformation block (paper: 4).
+        groups: groups of every GroupNorm in the implicit layer (paper: 4).
+        blocks: implicit layer = "both" (NL then Trans, eq. 11), "nl" only or "trans" only (Table VII).
+        post_norm: keep the last GroupNorm of the transformation block (eq. 10; Table V).
+        equilibrium: "noise" decodes x_hat = y + decode(z*) (eq. 5); "image" decodes x_hat = decode(z*) (Table IV).
+        weight_norm: weight normalisation of the implicit layer's weights.
+        dropout: variational dropout rate in the implicit layer (one mask per forward; off in eval).
+        attn_block: side of the query tiles of the exact blocked neighbourhood attention (speed/memory only).
+        in_channels: image channels (1: grayscale).
+    """
+
+    channels: int = 128
+    heads: int = 4
+    window: int = 65
+    expansion: int = 4
+    groups: int = 4
+    blocks: Blocks = "both"
+    post_norm: bool = True
+    equilibrium: EquilibriumKind = "noise"
+    weight_norm: bool = True
+    dropout: float = 0.0
+    attn_block: int = 16
+    in_channels: int = 1
+
+    def __post_init__(self) -> None:
+        if self.channels % self.heads:
+            raise ValueError(f"channels ({self.channels}) must be divisible by heads ({self.heads})")
+        if self.channels % self.groups or (self.channels * self.expansion) % self.groups:
+            raise ValueError(f"channels ({self.channels}) must be divisible by groups ({self.groups})")
+        if self.window < 1 or self.window % 2 == 0:
+            raise ValueError(f"window q must be odd and >= 1 (centred on the pixel), got {self.window}")
+        if self.blocks not in ("both", "nl", "trans"):
+            raise ValueError(f"blocks must be 'both', 'nl' or 'trans', got {self.blocks!r}")
+        if self.equilibrium not in ("noise", "image"):
+            raise ValueError(f"equilibrium must be 'noise' or 'image', got {self.equilibrium!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Forward equilibrium solver (paper Sec. V-A: limited-memory Broyden from z = 0, at most 17 steps).
+
+    Attributes:
+        name: "broyden", "anderson" or "fixed_point".
+        max_iter: cap on f-evaluations per sample.
+        tol: stop a sample once its relative residual ||f(z) - z|| / ||f(z)|| falls below this.
+        memory: low-rank updates (Broyden) or past iterates (Anderson) kept; older ones are discarded.
+        ridge: Tikhonov term of Anderson's least-squares problem, relative to the mean squared residual.
+        damping: Anderson mixing beta, or the step of damped fixed-point iteration (1 = plain iteration).
+    """
+
+    name: SolverName = "broyden"
+    max_iter: int = 17
+    tol: float = 1e-3
+    memory: int = 8
+    ridge: float = 1e-4
+    damping: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("broyden", "anderson", "fixed_point"):
+            raise ValueError(f"unknown solver {self.name!r}: choose broyden, anderson or fixed_point")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+        if self.memory < 1:
+            raise ValueError(f"memory must be >= 1, got {self.memory}")
+
+
+@dataclass(frozen=True)
+class GradConfig:
+    """How gradients re-enter the graph after the no-grad solve (paper Sec. V-B).
+
+    Attributes:
+        mode: "phantom" (eq. 16: `steps` damped steps from the detached z*), "implicit" (eq. 14-15: the backward
+            linear fixed point solved by `backward`), or "unrolled" (backprop through `steps` damped iterations
+            from z = 0: the explicit weight-tied baseline).
+        steps: T of the phantom gradient (paper: 8), or the unrolled iterations.
+        damping: lambda of eq. (16) (paper: 0.8); also the damping of the unrolled iterations.
+        backward: solver of the implicit gradient's linear fixed point.
+    """
+
+    mode: GradMode = "phantom"
+    steps: int = 8
+    damping: float = 0.8
+    backward: SolverConfig = field(default_factory=lambda: SolverConfig(name="anderson", max_iter=30, tol=1e-6))
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("phantom", "implicit", "unrolled"):
+            raise ValueError(f"unknown gradient mode {self.mode!r}: choose phantom, implicit or unrolled")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe (paper Sec. VII-A; defaults are the paper's where it states them).
+
+    Attributes:
+        sigma: noise level(s) on the 0-255 scale; a crop draws one of them uniformly.
+        crop: side of the random training crops (paper: 64).
+        batch: crops per optimiser step (paper: 4).
+        epochs: passes over the data (paper: 100); ignored when `steps` > 0.
+        crops_per_image: crops drawn from each image per epoch (paper: 128).
+        steps: total optimiser steps; 0 means epochs * images * crops_per_image / batch.
+        lr, weight_decay, betas: AdamW (paper: lr 1e-3, betas (0.9, 0.999)); cosine schedule to `lr_min`.
+        warmup: linear warm-up steps before the cosine decay.
+        grad_clip: max gradient norm (0 disables).
+        val_images: images held out of the training folder for validation (the last ones by sorted name).
+        val_every: optimiser steps between validations (0: only at the end).
+        val_crop: validation images are centre-cropped to this side (0: whole image) to keep validation cheap.
+        checkpoint_minutes: wall-clock minutes between atomic checkpoints.
+        seed: seeds crops, augmentation, noise and initialisation.
+        amp: bf16 autocast ("auto": on CUDA only).
+        compile: torch.compile the implicit layer.
+        threads: torch threads on the CPU (0: leave PyTorch's default).
+    """
+
+    data: str = ""
+    sigma: tuple[float, ...] = (25.0,)
+    crop: int = 64
+    batch: int = 4
+    epochs: int = 100
+    crops_per_image: int = 128
+    steps: int = 0
+    lr: float = 1e-3
+    lr_min: float = 1e-6
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: int = 0
+    grad_clip: float = 0.0
+    val_images: int = 8
+    val_every: int = 500
+    val_crop: int = 0
+    checkpoint_minutes: float = 5.0
+    log_every: int = 10
+    seed: int = 0
+    amp: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    threads: int = 0
+    init: str = ""
+
+    def total_steps(self, n_images: int) -> int:
+        """Optimiser steps of the whole run for a training folder of `n_images` images."""
+        if self.steps > 0:
+            return self.steps
+        return max(1, self.epochs * n_images * self.crops_per_image // self.batch)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs; `solver` is the forward solver of training (inference may override it)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    grad: GradConfig = field(default_factory=GradConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "nerd"
+
+
+def _build(cls: type[T], data: dict[str, Any] | None) -> T:
+    """Build dataclass `cls` from a dict, refusing unknown keys (a typo must not pass silently)."""
+    data = dict(data or {})
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if cls is GradConfig and name == "backward":
+            value = _build(SolverConfig, value) if isinstance(value, dict) else value
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of `config_to_dict`; missing sections take their defaults."""
+    unknown = sorted(set(data) - {"model", "solver", "grad", "train", "name"})
+    if unknown:
+        raise ValueError(f"unknown config sections {unknown}")
+    return Config(
+        model=_build(ModelConfig, data.get("model")),
+        solver=_build(SolverConfig, data.get("solver")),
+        grad=_build(GradConfig, data.get("grad")),
+        train=_build(TrainConfig, data.get("train")),
+        name=data.get("name", "nerd"),
+    )
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of any config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a TOML recipe; `preset = "NAME"` in [model] starts from a named model preset."""
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    model = dict(data.get("model", {}))
+    preset = model.pop("preset", None)
+    if preset is not None:
+        from nerd.models.presets import preset_config
+
+        model = {**dataclasses.asdict(preset_config(preset)), **model}
+    data["model"] = model
+    data.setdefault("name", Path(path).stem)
+    return config_from_dict(data)
+
+
+def dumps(cfg: Any) -> str:
+    """Canonical JSON of a config (sorted keys) for metadata and checkpoints."""
+    return json.dumps(config_to_dict(cfg), sort_keys=True)
+
+
+def model_config_from_json(text: str) -> ModelConfig:
+    return _build(ModelConfig, json.loads(text))
+
+
+def solver_config_from_json(text: str) -> SolverConfig:
+    return _build(SolverConfig, json.loads(text))

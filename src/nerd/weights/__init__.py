@@ -1,0 +1,162 @@
+"""Shipped and exported weights: safetensors files whose metadata carries the config, scores and a checksum.
+
+A file holds the model's state dict and these metadata entries (all strings, as safetensors requires):
+``format`` ("nerd-1"), ``model`` and ``solver`` (config JSON), ``sigma`` (0-255 scale the weights were trained
+for), ``scores`` (JSON of measured figures), ``train`` (JSON: recipe, steps, time), ``sha256`` (of the tensors).
+Loading rebuilds the architecture from the metadata, checks the checksum and loads strictly.
+
+Shipped files live next to this module as ``nerd-s<SIGMA>.safetensors``; that name is what `--sigma` picks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WEIGHTS_DIR = Path(__file__).resolve().parent
+FORMAT = "nerd-1"
+
+
+class WeightsError(ValueError):
+    """Unknown, unreadable or corrupt weights."""
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Checksum of a state dict: names, dtypes, shapes and bytes, in sorted order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def shipped() -> dict[str, Path]:
+    """Shipped weights by name (file stem)."""
+    return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))}
+
+
+def default_name(sigma255: float) -> str:
+    return f"nerd-s{round(sigma255)}"
+
+
+def resolve(name_or_path: str | os.PathLike[str]) -> Path:
+    """A shipped name ("nerd-s25") or a path to a .safetensors file."""
+    text = str(name_or_path)
+    names = shipped()
+    if text in names:
+        return names[text]
+    path = Path(text)
+    if path.suffix == ".safetensors" or os.sep in text or path.exists():
+        if not path.is_file():
+            raise WeightsError(f"weights file not found: {path}")
+        return path
+    raise WeightsError(f"unknown weights {text!r}; shipped: {', '.join(names) or 'none'}, or give a .safetensors path")
+
+
+def save_weights(
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    sigma255: float,
+    scores: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+) -> str:
+    """Write `model` (a DEQDenoiser) with its metadata, atomically; returns the checksum."""
+    from safetensors.torch import save_file
+
+    from nerd.config import dumps
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    digest = tensors_sha256(tensors)
+    meta = {
+        "format": FORMAT,
+        "model": dumps(model.cfg),
+        "solver": dumps(model.solver),
+        "sigma": str(float(sigma255)),
+        "scores": json.dumps(scores or {}, sort_keys=True),
+        "train": json.dumps(train or {}, sort_keys=True),
+        "sha256": digest,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return digest
+
+
+def read_metadata(name_or_path: str | os.PathLike[str]) -> dict[str, str]:
+    from safetensors import safe_open
+
+    path = resolve(name_or_path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as err:  # safetensors raises several error types for a damaged header
+        raise WeightsError(f"cannot read weights {path}: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"{path} is not a nerd weights file (format {meta.get('format')!r})")
+    return meta
+
+
+def load_weights(name_or_path: str | os.PathLike[str], *, device: str | torch.device = "cpu"):
+    """Rebuild the DEQDenoiser stored in a weights file, verify its checksum, load strictly; eval mode.
+
+    Returns:
+        (model, metadata) with metadata's JSON entries decoded.
+    """
+    from safetensors.torch import load_file
+
+    from nerd.config import model_config_from_json, solver_config_from_json
+    from nerd.models import DEQDenoiser
+
+    path = resolve(name_or_path)
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:
+        raise WeightsError(f"cannot read weights {path}: {err}") from None
+    if tensors_sha256(tensors) != meta.get("sha256"):
+        raise WeightsError(f"checksum mismatch: {path} is corrupt (tensors do not match their recorded sha256)")
+    model = DEQDenoiser(model_config_from_json(meta["model"]), solver=solver_config_from_json(meta["solver"]))
+    model.load_state_dict(tensors, strict=True)
+    info: dict[str, Any] = {
+        "path": str(path),
+        "name": path.stem,
+        "sigma": float(meta["sigma"]),
+        "scores": json.loads(meta.get("scores", "{}")),
+        "train": json.loads(meta.get("train", "{}")),
+        "sha256": meta["sha256"],
+    }
+    return model.to(device).eval(), info
+
+
+def list_weights() -> list[str]:
+    """One line per shipped file: name, sigma, preset-like summary, recorded scores."""
+    lines = []
+    for name, path in shipped().items():
+        try:
+            meta = read_metadata(path)
+        except WeightsError as err:
+            lines.append(f"{name}: unreadable ({err})")
+            continue
+        cfg = json.loads(meta["model"])
+        scores = json.loads(meta.get("scores", "{}"))
+        score_text = ", ".join(f"{k} {v}" for k, v in scores.items() if not isinstance(v, dict))
+        lines.append(
+            f"{name}: sigma {float(meta['sigma']):g}, {cfg['channels']} channels, q {cfg['window']}"
+            + (f"; {score_text}" if score_text else "")
+        )
+    return lines
