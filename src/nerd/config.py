@@ -145,6 +145,9 @@ class TrainConfig:
         amp: bf16 autocast ("auto": on CUDA only).
         compile: torch.compile the implicit layer.
         threads: torch threads on the CPU (0: leave PyTorch's default).
+        train_iters: solver iterations during training steps (0: the [solver] max_iter, which validation and
+            the exported weights use).
+        init: weights (name or .safetensors path) to start from, e.g. sigma 25 weights to fine-tune for 15/50.
     """
 
     data: str = ""
@@ -169,6 +172,7 @@ class TrainConfig:
     amp: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
     threads: int = 0
+    train_iters: int = 0
     init: str = ""
 
     def total_steps(self, n_images: int) -> int:

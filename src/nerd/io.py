@@ -1,13 +1,27 @@
-"""Image files in and out: grayscale 8/16-bit PNG/TIFF, JPEG, BMP, as float arrays on the [0, 1] scale."""
+"""Image files in and out: grayscale 8/16-bit PNG/TIFF, JPEG, BMP, as float arrays on the [0, 1] scale.
+
+Scales: 8-bit pixels are divided by 255, 16-bit pixels by 65535; 32-bit float images (TIFF mode "F") must
+already lie in [0, 1]. `read_image` reports the bit depth (8, 16 or 32 for float) so `write_image` can write the
+result back at the same depth. Every problem with a file raises `ImageError` with a one-line message that starts
+with the file's path. Writes are atomic: a temporary file in the target folder, then `os.replace`.
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
+# Bit depths each output format can hold (32: float32).
+DEPTHS = {"PNG": (8, 16), "TIFF": (8, 16, 32), "JPEG": (8,), "BMP": (8,)}
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read or written as a grayscale image; the message is one line."""
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
@@ -17,14 +31,132 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def load_gray(path: str | os.PathLike[str]) -> np.ndarray:
-    """A grayscale image as float32 (H, W) in [0, 1] (8-bit: pixel / 255; 16-bit: pixel / 65535)."""
+    """A grayscale image as float32 (H, W) in [0, 1] (8-bit: pixel / 255; 16-bit: pixel / 65535).
+
+    Raises `ImageError` (a ValueError) for colour, unreadable or non-finite images.
+    """
+    return read_image(path)[0]
+
+
+def _gray_channels(rgb: np.ndarray) -> np.ndarray | None:
+    """rgb: (H, W, >=3) -> its first channel when R == G == B everywhere (a gray image stored as colour)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return r if np.array_equal(r, g) and np.array_equal(g, b) else None
+
+
+def read_image(path: str | os.PathLike[str], *, gray: bool = False) -> tuple[np.ndarray, int]:
+    """Read one image as grayscale.
+
+    Args:
+        path: the file.
+        gray: convert a colour image to luminance (ITU-R 601 luma, 8-bit) instead of refusing it.
+
+    Returns:
+        (x, depth): x float32 (H, W) in [0, 1]; depth 8, 16 or 32 (float32 input).
+
+    Raises:
+        ImageError: missing, empty, not an image, truncated/corrupt, multi-page, colour (without `gray`),
+            non-finite or out-of-range pixels, unsupported pixel format.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if not path.is_file():
+        raise ImageError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file")
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                raise ImageError(f"{path}: multi-page image ({im.n_frames} frames); give one image per file")
+            im.load()
+            return _decode(im, path, gray)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file (unknown format)") from None
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageError(f"{path}: cannot decode image (truncated or corrupt: {reason})") from None
+
+
+def _decode(im, path: Path, gray: bool) -> tuple[np.ndarray, int]:  # noqa: ANN001 -- a loaded PIL image
+    mode = im.mode
+    if mode.startswith("I;16"):
+        return (np.asarray(im, dtype=np.float64) / 65535.0).astype(np.float32), 16
+    if mode == "I":  # 32-bit integer: accepted when its values fit 16 bits (some 16-bit files open this way)
+        arr = np.asarray(im, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535; convert it to 8 or 16 bits")
+        return (arr / 65535.0).astype(np.float32), 16
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ImageError(f"{path}: image has NaN or infinite pixels")
+        if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
+            raise ImageError(f"{path}: float pixels outside [0, 1]; rescale to [0, 1] or convert to 8/16 bits")
+        return arr.copy(), 32
+    if mode in ("L", "1", "LA", "La"):
+        return (np.asarray(im.getchannel(0).convert("L"), dtype=np.float32) / 255.0), 8
+    if mode in ("P", "PA", "RGB", "RGBA", "RGBX", "RGBa"):
+        rgb = np.asarray(im.convert("RGB"))
+        channel = _gray_channels(rgb)
+        if channel is not None:
+            return channel.astype(np.float32) / 255.0, 8
+    if not gray:
+        raise ImageError(f"{path}: colour image (mode {mode}); NERD denoises grayscale: add --gray to use its luminance")
+    try:
+        lum = im.convert("RGB").convert("L")
+    except Exception as err:
+        raise ImageError(f"{path}: cannot convert mode {mode} to gray ({err})") from None
+    return np.asarray(lum, dtype=np.float32) / 255.0, 8
+
+
+def output_format(path: str | os.PathLike[str], depth: int) -> str:
+    """The PIL format for writing `path` at `depth` bits; ImageError when the suffix or depth cannot be written."""
+    suffix = Path(path).suffix.lower()
+    fmt = FORMATS.get(suffix)
+    if fmt is None:
+        raise ImageError(f"{path}: unsupported output suffix {suffix or '(none)'!r}; use {', '.join(FORMATS)}")
+    if depth not in DEPTHS[fmt]:
+        kind = "float" if depth == 32 else f"{depth}-bit"
+        ok = ".tif" if depth == 32 else ".png or .tif"
+        raise ImageError(f"{path}: {fmt} cannot hold a {kind} image; use {ok} to keep the bit depth")
+    return fmt
+
+
+def to_pixels(x: np.ndarray, depth: int) -> np.ndarray:
+    """x: float (H, W) in [0, 1] -> uint8 (depth 8), uint16 (16) or float32 (32) pixels, rounded and clipped."""
+    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    if depth == 8:
+        return np.rint(x * 255.0).astype(np.uint8)
+    if depth == 16:
+        return np.rint(x * 65535.0).astype(np.uint16)
+    if depth == 32:
+        return x.astype(np.float32)
+    raise ValueError(f"depth must be 8, 16 or 32, got {depth}")
+
+
+def write_image(path: str | os.PathLike[str], x: np.ndarray, depth: int = 8) -> None:
+    """Write x: float (H, W) in [0, 1] as a grayscale image of `depth` bits, format from the suffix, atomically.
+
+    Nothing is left at `path` (or beside it) if writing fails.
+    """
     from PIL import Image
 
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float64) / 65535.0
-        elif im.mode == "L":
-            arr = np.asarray(im, dtype=np.float64) / 255.0
-        else:
-            raise ValueError(f"{path}: not a grayscale image (mode {im.mode})")
-    return arr.astype(np.float32)
+    path = Path(path)
+    fmt = output_format(path, depth)
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise ValueError("write_image expects a finite (H, W) array")
+    im = Image.fromarray(to_pixels(x, depth))
+    options = {"quality": 95} if fmt == "JPEG" else {}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            im.save(fh, format=fmt, **options)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,15 +1,290 @@
-"""`nerd denoise` (not implemented yet)."""
+"""`nerd denoise`: denoise a user's noisy grayscale image(s) with shipped or given weights.
+
+Order of work: every option, the weights and every input image (fully decoded) and output path are checked
+first; only then are images denoised and written, one by one, each atomically (temporary file + os.replace).
+So a bad input or option writes nothing at all. A failure while denoising (non-finite output) stops the run
+there: the images already written are complete, the failing one and the rest are not written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EPILOG = """\
+scales: 8-bit pixels are read as pixel/255, 16-bit as pixel/65535; --sigma is always on the 0-255 scale
+(a 16-bit image with noise std 6425 of 65535 has --sigma 25). Output keeps the input's size and bit depth;
+its format follows the -o suffix (.png, .tif, .jpg, .bmp; 16-bit needs .png or .tif).
+several inputs or a folder: -o is a folder (created if its parent exists), outputs keep the input names.
+exit status 2 on bad input, with one line on stderr and no output written.
+"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("denoise", help="(not implemented yet)")
+    p = sub.add_parser(
+        "denoise",
+        help="denoise noisy grayscale images (file, files or folder) with NERD weights",
+        description="Denoise already-noisy grayscale images with the shipped NERD weights for their noise level.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("noisy", nargs="*", metavar="NOISY", help="noisy image file(s), or a folder of images")
+    p.add_argument("-o", "--output", metavar="OUT", help="output file, or folder for several images")
+    p.add_argument("--sigma", metavar="SIGMA|auto",
+                   help="noise std on the 0-255 scale (picks weights nerd-s<SIGMA>), or 'auto' to estimate it; "
+                        "default: the --weights' training sigma")
+    p.add_argument("--weights", metavar="NAME|PATH", help="shipped weights name (see `nerd info`) or a .safetensors")
+    p.add_argument("--gray", action="store_true", help="convert colour images to luminance instead of refusing")
+    p.add_argument("--iters", metavar="N", help="solver iterations cap (overrides the weights' max_iter)")
+    p.add_argument("--tol", metavar="T", help="solver relative-residual tolerance (overrides the weights' tol)")
+    p.add_argument("--device", metavar="cpu|cuda", help="default: cuda when available, else cpu")
+    p.add_argument("--sample", action="store_true", help="denoise the shipped sample image (sigma 25) and print PSNR")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or report lines (errors still shown)")
+
+
+@dataclass
+class Job:
+    """One image to denoise: where from, where to, its depth, sigma and weights name."""
+
+    src: Path
+    dst: Path
+    depth: int = 8
+    sigma: float = 0.0
+    weights: str = ""
+
+
+def _number(text: str | None, option: str, kind: type, low: float) -> Any:
+    """Parse an option value, UserError unless finite and >= low (or > 0 for floats with low 0)."""
+    from nerd.cli import UserError
+
+    if text is None:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise UserError(f"{option} must be {noun}, got {text!r}") from None
+    if not math.isfinite(value) or value < low or (low == 0 and value <= 0):
+        raise UserError(f"{option} must be {'> 0' if low == 0 else f'>= {low}'}, got {text!r}")
+    return value
+
+
+def _parse_sigma(text: str | None) -> float | str | None:
+    from nerd.cli import UserError
+    from nerd.denoise import MAX_SIGMA
+
+    if text is None or text.lower() == "auto":
+        return None if text is None else "auto"
+    try:
+        sigma = float(text)
+    except ValueError:
+        raise UserError(f"--sigma must be a number on the 0-255 scale or 'auto', got {text!r}") from None
+    if not math.isfinite(sigma) or sigma <= 0 or sigma > MAX_SIGMA:
+        raise UserError(f"--sigma must be in (0, {MAX_SIGMA:g}] on the 0-255 scale, got {text!r}")
+    return sigma
+
+
+def _inputs(args: argparse.Namespace) -> tuple[list[Path], bool]:
+    """The input files and whether this is a batch (several files or a folder)."""
+    from nerd.cli import UserError
+    from nerd.denoise import SAMPLE_NOISY
+    from nerd.io import IMAGE_SUFFIXES, list_images
+
+    if args.sample:
+        if args.noisy:
+            raise UserError("give either NOISY or --sample, not both")
+        return [SAMPLE_NOISY], False
+    if not args.noisy:
+        raise UserError("give NOISY (an image file, several files or a folder), or --sample")
+    files: list[Path] = []
+    for text in args.noisy:
+        path = Path(text)
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return files, len(args.noisy) > 1 or Path(args.noisy[0]).is_dir()
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    from nerd.cli import UserError
+
+    if not folder.exists():
+        raise UserError(f"{what} {folder} does not exist")
+    if not folder.is_dir():
+        raise UserError(f"{what} {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {folder} is not writable")
+
+
+def _plan(files: list[Path], batch: bool, out: str | None) -> tuple[list[Job], Path | None]:
+    """Output path of each input; returns (jobs, output folder to create after validation or None)."""
+    from nerd.cli import UserError
+
+    if not out:
+        raise UserError("give -o OUT: an output file (or a folder, for several images)")
+    target = Path(out)
+    create: Path | None = None
+    if batch:
+        if target.exists() and not target.is_dir():
+            raise UserError(f"-o {target}: several images need an output folder, and this is a file")
+        if not target.exists():
+            _writable_folder(target.parent if str(target.parent) else Path("."), "parent of the output folder")
+            create = target
+        else:
+            _writable_folder(target, "output folder")
+        jobs = [Job(src, target / src.name) for src in files]
+    else:
+        dst = target / files[0].name if target.is_dir() else target
+        _writable_folder(dst.parent, "output folder")
+        jobs = [Job(files[0], dst)]
+    seen: dict[Path, Path] = {}
+    for job in jobs:
+        key = job.dst.resolve()
+        if key == job.src.resolve():
+            raise UserError(f"{job.dst}: output would overwrite its input; choose another -o")
+        if key in seen:
+            raise UserError(f"{seen[key]} and {job.src} would both be written to {job.dst}")
+        seen[key] = job.src
+    return jobs, create
+
+
+def _nearest_shipped(sigma: float) -> str:
+    """Name of the shipped weights whose training sigma is nearest `sigma`."""
+    from nerd.cli import UserError
+    from nerd.weights import WeightsError, read_metadata, shipped
+
+    best: tuple[float, str] | None = None
+    for name in shipped():
+        try:
+            trained = float(read_metadata(name)["sigma"])
+        except (WeightsError, KeyError, ValueError):
+            continue
+        if best is None or abs(trained - sigma) < best[0]:
+            best = (abs(trained - sigma), name)
+    if best is None:
+        raise UserError("--sigma auto needs shipped weights to choose from, and none are installed; give --weights")
+    return best[1]
+
+
+def _load(name: str, device: str, cache: dict[str, tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any]]:
+    from nerd.cli import UserError
+    from nerd.weights import WeightsError, load_weights
+
+    if name not in cache:
+        try:
+            cache[name] = load_weights(name, device=device)
+        except WeightsError as err:
+            raise UserError(f"weights: {err}") from None
+    return cache[name]
+
+
+def _weights_for_sigma(sigma: float) -> str:
+    from nerd.cli import UserError
+    from nerd.weights import default_name, shipped
+
+    name = default_name(sigma)
+    names = shipped()
+    if name not in names:
+        have = ", ".join(names) or "none"
+        raise UserError(f"no shipped weights for sigma {sigma:g} ({name}; shipped: {have}); give --weights NAME|PATH")
+    return name
 
 
 def run(args: argparse.Namespace) -> int:
-    from nerd.cli import UserError
+    import dataclasses
 
-    raise UserError("not implemented yet")
+    import torch
+    from tqdm import tqdm
+
+    from nerd.cli import UserError
+    from nerd.denoise import SAMPLE_CLEAN, DenoiseError, default_device, denoise_image, describe, estimate_sigma255
+    from nerd.denoise import psnr as psnr_db
+    from nerd.io import ImageError, output_format, read_image, to_pixels, write_image
+
+    sigma = _parse_sigma(args.sigma)
+    iters = _number(args.iters, "--iters", int, 1)
+    tol = _number(args.tol, "--tol", float, 0)
+    device = args.device or default_device()
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available; use --device cpu")
+    if sigma is None and args.sample:
+        sigma = 25.0
+    if sigma is None and not args.weights:
+        raise UserError("give --sigma (noise std on the 0-255 scale, or 'auto') or --weights")
+    say = (lambda line: None) if args.quiet else tqdm.write
+
+    models: dict[str, tuple[Any, dict[str, Any]]] = {}
+    if args.weights:  # explicit weights: check them before reading any image
+        _, info = _load(args.weights, device, models)
+        if sigma is None:
+            sigma = info["sigma"]
+    elif isinstance(sigma, float):
+        _load(_weights_for_sigma(sigma), device, models)
+
+    files, batch = _inputs(args)
+    jobs, create = _plan(files, batch, args.output)
+    cached: dict[Path, Any] = {}
+    for job in jobs:  # validate every image (fully decoded) and its output format before writing anything
+        try:
+            y, job.depth = read_image(job.src, gray=args.gray)
+            output_format(job.dst, job.depth)
+        except ImageError as err:
+            raise UserError(str(err)) from None
+        if sigma == "auto":
+            job.sigma = estimate_sigma255(y)
+            job.weights = args.weights or _nearest_shipped(job.sigma)
+            say(f"{job.src.name}: estimated sigma {job.sigma:.1f} (0-255 scale) -> weights {job.weights}")
+        else:
+            job.sigma = float(sigma)  # type: ignore[arg-type]
+            job.weights = args.weights or _weights_for_sigma(job.sigma)
+        if len(jobs) == 1:
+            cached[job.src] = y
+    for job in jobs:
+        _, info = _load(job.weights, device, models)
+        if abs(info["sigma"] - job.sigma) > 0.5 and not args.quiet:
+            print(f"note: {job.weights} was trained for sigma {info['sigma']:g}, the image's sigma is {job.sigma:g}",
+                  file=sys.stderr)
+    if create is not None:
+        create.mkdir()
+
+    bar = tqdm(jobs, unit="image", disable=args.quiet or len(jobs) < 2, file=sys.stderr)
+    for job in bar:
+        model, _ = models[job.weights]
+        solver = model.solver
+        if iters is not None or tol is not None:
+            solver = dataclasses.replace(solver, max_iter=iters or solver.max_iter, tol=tol or solver.tol)
+        y = cached.pop(job.src, None)
+        if y is None:
+            try:
+                y, _ = read_image(job.src, gray=args.gray)
+            except ImageError as err:  # changed since validation
+                raise UserError(str(err)) from None
+        sigma_in = job.sigma if job.sigma > 0 else models[job.weights][1]["sigma"]
+        try:
+            x_hat, summary = denoise_image(model, y, min(sigma_in, 255.0), solver=solver, device=device)
+        except DenoiseError as err:
+            raise UserError(f"{job.src}: {err}") from None
+        write_image(job.dst, x_hat, job.depth)
+        say(f"{job.src.name}: {describe(summary)} -> {job.dst}")
+        if not summary["converged"] and args.quiet:
+            print(f"warning: {job.src.name}: solver NOT converged (rel residual {summary['rel_residual']:.1e})",
+                  file=sys.stderr)
+        if args.sample:
+            clean, _ = read_image(SAMPLE_CLEAN)
+            out = to_pixels(x_hat, 8).astype("float32") / 255.0
+            print(f"PSNR {psnr_db(out, clean):.2f} dB against sample_clean.png "
+                  f"(noisy input {psnr_db(y, clean):.2f} dB)")
+    return 0

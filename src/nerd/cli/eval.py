@@ -1,15 +1,163 @@
-"""`nerd eval` (not implemented yet)."""
+"""`nerd eval`: score a method (nerd, dncnn, bm3d, noisy) on benchmark sets under the one protocol.
+
+Writes ``<out>/eval-<tag>-<set>-s<sigma>.json`` per (set, sigma), one ``<out>/eval-<tag>.md``; the tag is the
+method, then the weights name (nerd), any solver overrides and ``first<N>`` for `--limit`. Prints the means.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+METHODS = ("nerd", "dncnn", "bm3d", "noisy")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("eval", help="(not implemented yet)")
+    p = sub.add_parser(
+        "eval",
+        help="score a method on benchmark sets (PSNR, SSIM, time, solver stats)",
+        description="Score a denoiser on benchmark sets with the shared protocol (seed-0 noise per image).",
+    )
+    p.add_argument("--method", choices=METHODS, default="nerd", help="denoiser to score (default: nerd)")
+    p.add_argument("--sets", nargs="+", default=["Set12"], metavar="SET",
+                   help="set folders under --data (default: Set12)")
+    p.add_argument("--sigma", nargs="+", type=float, default=[25.0], metavar="S",
+                   help="noise levels on the 0-255 scale (default: 25)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="root of the set folders (default: $NERD_DATA, else ../shared/data)")
+    p.add_argument("--out", default="results", metavar="DIR", help="folder for the JSON and markdown reports")
+    p.add_argument("--weights", default=None, metavar="NAME|PATH",
+                   help="nerd weights: shipped name or .safetensors path (default: nerd-s<sigma> per sigma)")
+    p.add_argument("--iters", type=int, default=None, metavar="N", help="nerd: solver max iterations")
+    p.add_argument("--tol", type=float, default=None, metavar="T", help="nerd: solver relative tolerance")
+    p.add_argument("--solver", choices=("broyden", "anderson", "fixed_point"), default=None,
+                   help="nerd: solver")
+    p.add_argument("--anchors", default=None, metavar="DIR",
+                   help="dncnn: folder of dncnn_sigma*.safetensors "
+                   "(default: $NERD_ANCHORS, else ../shared/anchors)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images of each set")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where nerd and dncnn run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _check(args: argparse.Namespace) -> None:
+    from nerd.cli import UserError
+
+    if any(not s > 0 for s in args.sigma):
+        raise UserError(f"--sigma must be > 0, got {' '.join(f'{s:g}' for s in args.sigma)}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    nerd_only = {"--weights": args.weights, "--iters": args.iters, "--tol": args.tol, "--solver": args.solver}
+    given = [k for k, v in nerd_only.items() if v is not None]
+    if args.method != "nerd" and given:
+        raise UserError(f"{', '.join(given)} only apply to --method nerd")
+    if args.anchors is not None and args.method != "dncnn":
+        raise UserError("--anchors only applies to --method dncnn")
+    if args.iters is not None and args.iters < 1:
+        raise UserError(f"--iters must be >= 1, got {args.iters}")
+    if args.tol is not None and not args.tol > 0:
+        raise UserError(f"--tol must be > 0, got {args.tol:g}")
+
+
+def _tag(args: argparse.Namespace, weights_name: str | None) -> str:
+    parts = [args.method]
+    if weights_name:
+        parts.append(weights_name)
+    if args.solver:
+        parts.append(args.solver)
+    if args.iters is not None:
+        parts.append(f"it{args.iters}")
+    if args.tol is not None:
+        parts.append(f"tol{args.tol:g}")
+    if args.limit is not None:
+        parts.append(f"first{args.limit}")
+    return "-".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
-    from nerd.cli import UserError
+    import dataclasses
+    import sys
 
-    raise UserError("not implemented yet")
+    import torch
+
+    from nerd.cli import UserError
+    from nerd.evaluate import Noisy, default_data_root, evaluate, resolve_sets, summary_markdown
+
+    _check(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available")
+    data_root = Path(args.data) if args.data else default_data_root()
+    try:
+        sets = resolve_sets(data_root, args.sets)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
+    out = Path(args.out)
+
+    def load(sigma255: float):
+        """(method, weights name or None, meta, solver override) for one noise level."""
+        if args.method == "noisy":
+            return Noisy(), None, {}, None
+        if args.method == "bm3d":
+            try:
+                import bm3d  # noqa: F401
+            except ImportError:
+                raise UserError("--method bm3d needs the bm3d package: pip install 'nerd[bm3d]'") from None
+            from nerd.models.bm3d import BM3D
+
+            return BM3D(), None, {"profile": "np", "num_threads": 1}, None
+        if args.method == "dncnn":
+            from nerd.models.dncnn import anchors_dir, load_dncnn
+
+            try:
+                model = load_dncnn(sigma255, args.anchors)
+            except (FileNotFoundError, ValueError) as err:
+                raise UserError(str(err)) from None
+            return model.to(args.device), None, {"anchors": str(anchors_dir(args.anchors))}, None
+        from nerd.weights import WeightsError, default_name, load_weights
+
+        name = args.weights or default_name(sigma255)
+        try:
+            model, info = load_weights(name, device=args.device)
+        except WeightsError as err:
+            raise UserError(str(err)) from None
+        try:
+            overrides = {"name": args.solver, "max_iter": args.iters, "tol": args.tol}
+            given = {k: v for k, v in overrides.items() if v is not None}
+            solver = dataclasses.replace(model.solver, **given)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if info["sigma"] != sigma255:
+            print(f"nerd eval: note: weights {info['name']} were trained for sigma {info['sigma']:g}, "
+                  f"evaluated at sigma {sigma255:g}", file=sys.stderr)
+        meta = {"weights": info["name"], "weights_sigma": info["sigma"], "sha256": info["sha256"],
+                "model": dataclasses.asdict(model.cfg)}
+        return model, info["name"], meta, solver
+
+    reports = []
+    names: set[str] = set()
+    head = f"{'set':<16} {'sigma':>5} {'images':>6} {'PSNR':>8} {'SSIM':>7} {'s/image':>8} {'nfe':>6}"
+    print(head, flush=True)
+    for sigma255 in args.sigma:
+        method, weights_name, meta, solver = load(sigma255)
+        names.add(weights_name or "")
+        for set_name, images in sets.items():
+            report = evaluate(method, images, sigma255, set_name=set_name, progress=not args.no_progress,
+                              solver=solver, method_name=args.method, limit=args.limit,
+                              meta={**meta, "data": str(data_root)})
+            reports.append(report)
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"eval-{_tag(args, weights_name)}-{set_name}-s{sigma255:g}.json"
+            path.write_text(report.to_json() + "\n")
+            m = report.means
+            nfe = f"{m['nfe']:.1f}" if m["nfe"] is not None else "-"
+            print(f"{set_name:<16} {sigma255:>5g} {len(report.rows):>6} {m['psnr']:>8.3f} {m['ssim']:>7.4f} "
+                  f"{m['seconds']:>8.2f} {nfe:>6}", flush=True)
+    # One summary per invocation; the weights name joins the tag only when all levels used the same file.
+    summary_name = names.pop() if len(names) == 1 else None
+    summary = out / f"eval-{_tag(args, summary_name)}.md"
+    header = f"# nerd eval --method {args.method}\n\ndata: {os.fspath(data_root)}\n\n"
+    details = "\n".join(r.to_markdown() for r in reports)
+    summary.write_text(header + summary_markdown(reports) + "\n" + details)
+    print(f"wrote {summary} and {len(reports)} JSON report(s) in {out}")
+    return 0

@@ -1,4 +1,4 @@
-"""`nerd export` (not implemented yet)."""
+"""`nerd export RUN --out FILE.safetensors`: a run's best (or last) weights, with config and scores as metadata."""
 
 from __future__ import annotations
 
@@ -6,10 +6,53 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("export", help="(not implemented yet)")
+    p = sub.add_parser("export", help="write a run's weights as safetensors with config and scores in metadata")
+    p.add_argument("run", help="run folder (runs/NAME) or its last.pt")
+    p.add_argument("--out", required=True, help="destination .safetensors file")
+    p.add_argument("--last", action="store_true", help="export last.pt instead of the best validated weights")
+    p.add_argument("--scores", help="JSON file of measured scores to store in the metadata (e.g. an eval result)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from nerd.cli import UserError
+    import json
+    from pathlib import Path
 
-    raise UserError("not implemented yet")
+    import torch
+
+    from nerd.cli import UserError
+    from nerd.config import config_from_dict, config_to_dict
+    from nerd.models import DEQDenoiser
+    from nerd.weights import WeightsError, load_weights, save_weights
+
+    src = Path(args.run)
+    run_dir = src.parent if src.suffix == ".pt" else src
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    extra = {}
+    if args.scores:
+        try:
+            extra = json.loads(Path(args.scores).read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read scores {args.scores}: {err}") from None
+    best = run_dir / "best.safetensors"
+    if not args.last and best.exists():
+        try:
+            model, info = load_weights(best)
+        except WeightsError as err:
+            raise UserError(str(err)) from None
+        scores, train_meta, sigma = {**info["scores"], **extra}, info["train"], info["sigma"]
+    else:
+        ckpt_path = run_dir / "last.pt"
+        if not ckpt_path.exists():
+            raise UserError(f"no best.safetensors or last.pt in {run_dir}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        cfg = config_from_dict(ckpt["config"])
+        model = DEQDenoiser(cfg.model, solver=cfg.solver, grad=cfg.grad)
+        model.load_state_dict(ckpt["model"])
+        scores = {"val_psnr": round(ckpt["best_val"], 4), **extra}
+        train_meta = {"run": run_dir.name, "step": ckpt["step"], "hours": round(ckpt["elapsed_s"] / 3600, 3),
+                      "crops": ckpt["step"] * cfg.train.batch, "config": config_to_dict(cfg)}
+        sigma = cfg.train.sigma[0]
+    digest = save_weights(model, args.out, sigma255=sigma, scores=scores, train=train_meta)
+    print(f"wrote {args.out} (sigma {sigma:g}, sha256 {digest[:16]}..., scores {scores})")
+    return 0

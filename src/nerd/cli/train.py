@@ -1,4 +1,4 @@
-"""`nerd train` (not implemented yet)."""
+"""`nerd train`: train NERD from a TOML recipe on any folder of images; resumable."""
 
 from __future__ import annotations
 
@@ -6,10 +6,39 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("train", help="(not implemented yet)")
+    p = sub.add_parser("train", help="train NERD from a config (TOML); --resume continues a killed run")
+    p.add_argument("--config", required=True, help="TOML recipe, e.g. configs/nerd-s25.toml")
+    p.add_argument("--out", help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--data", help="training folder (default: $NERD_DATA/Train400 or ../shared/data/Train400)")
+    p.add_argument("--steps", type=int, help="override the total optimiser steps")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this many minutes")
+    p.add_argument("--stop-after", type=int, help="stop with a checkpoint at this step (as if killed there)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from nerd.cli import UserError
+    from pathlib import Path
 
-    raise UserError("not implemented yet")
+    from nerd.cli import UserError
+    from nerd.config import load_config
+    from nerd.train import NonFiniteLoss, resolved_config, train
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise UserError(f"config not found: {path}")
+    try:
+        cfg = resolved_config(load_config(path), data=args.data, steps=args.steps)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"bad config {path}: {err}") from None
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    try:
+        run_dir = train(cfg, out=out, resume=args.resume, device=args.device, stop_after=args.stop_after,
+                        max_minutes=args.max_minutes, progress=not args.no_progress)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        raise UserError(str(err)) from None
+    except NonFiniteLoss as err:
+        raise UserError(f"training stopped: {err}") from None
+    print(f"run folder: {run_dir} (last.pt resumable, best.safetensors, log.csv, val.csv, curve.png)")
+    return 0

@@ -189,5 +189,7 @@ class DEQDenoiser(Denoiser):
         x_hat = y + out if self.cfg.equilibrium == "noise" else out
         return Equilibrium(x_hat=x_hat, z_star=z_star, s=s.detach(), stats=stats)
 
-    def forward(self, y: Tensor, sigma: float | Tensor | None = None) -> Tensor:
-        return self.equilibrium(y, sigma).x_hat
+    def forward(
+        self, y: Tensor, sigma: float | Tensor | None = None, *, solver: SolverConfig | None = None
+    ) -> Tensor:
+        return self.equilibrium(y, sigma, solver=solver).x_hat

@@ -1,0 +1,1 @@
+"""Data: the evaluation noise protocol and training noise (`nerd.data.noise`)."""

@@ -1,0 +1,258 @@
+"""The evaluation protocol in one place: noisy images, a denoiser, PSNR/SSIM/time per image (+ solver stats).
+
+For every image (sorted by name): x = pixel / 255, y = `protocol_noisy(x, sigma255)` (seed 0 per image, not
+clipped), x_hat = method(y, sigma255 / 255) under `torch.no_grad()` on a (1, 1, H, W) float32 tensor, clipped
+to [0, 1], PSNR and SSIM in float64 against x. A set's figure is the mean over its images
+(../shared/data/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from nerd.config import SolverConfig
+from nerd.data.noise import protocol_noisy
+from nerd.io import list_images, load_gray
+from nerd.metrics import psnr, ssim
+from nerd.models.base import Denoiser
+from nerd.models.nerd import DEQDenoiser
+
+Method = Denoiser | Callable[[Tensor, float], Tensor]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Noisy(Denoiser):
+    """The identity "denoiser" (x_hat = y): the noisy input's own scores, a floor for every method."""
+
+    def forward(self, y: Tensor, sigma: float | Tensor | None = None) -> Tensor:
+        return y
+
+
+@dataclass
+class Row:
+    """One image's result. nfe / residual / converged are None for methods without an equilibrium solver."""
+
+    name: str
+    psnr: float
+    ssim: float
+    seconds: float
+    nfe: int | None = None
+    residual: float | None = None
+    converged: bool | None = None
+
+
+@dataclass
+class Report:
+    """One method on one set at one noise level: per-image rows and their means.
+
+    Attributes:
+        method: method name ("nerd", "dncnn", "bm3d", "noisy", ...).
+        set_name: dataset name (its folder name).
+        sigma255: noise std on the 0-255 scale.
+        rows: per-image results, sorted by image name.
+        limit: only the first `limit` images were evaluated (None: the whole set).
+        meta: anything else worth keeping (weights, solver config, device, threads).
+    """
+
+    method: str
+    set_name: str
+    sigma255: float
+    rows: list[Row]
+    limit: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def means(self) -> dict[str, float | None]:
+        """Mean PSNR (dB), SSIM, seconds per image and solver f-evaluations (None without a solver)."""
+
+        def mean(values: list[float]) -> float | None:
+            return float(np.mean(values)) if values else None
+
+        return {
+            "psnr": mean([r.psnr for r in self.rows]),
+            "ssim": mean([r.ssim for r in self.rows]),
+            "seconds": mean([r.seconds for r in self.rows]),
+            "nfe": mean([r.nfe for r in self.rows if r.nfe is not None]),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "set": self.set_name,
+            "sigma": self.sigma255,
+            "images": len(self.rows),
+            "limit": self.limit,
+            "means": self.means,
+            "rows": [asdict(r) for r in self.rows],
+            "meta": self.meta,
+            "protocol": "x = pixel/255; y = x + sigma/255 * RandomState(0).randn(*x.shape) per image, not "
+            "clipped; x_hat clipped to [0,1]; PSNR float64; SSIM skimage gaussian_weights sigma 1.5 "
+            "use_sample_covariance False",
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        """A per-image table with a final mean row."""
+        solver = any(r.nfe is not None for r in self.rows)
+        head = "| image | PSNR (dB) | SSIM | s |" + (" nfe | residual | converged |" if solver else "")
+        sep = "| --- | ---: | ---: | ---: |" + (" ---: | ---: | :---: |" if solver else "")
+        lines = [f"### {self.method} on {self.set_name}, sigma {self.sigma255:g}", "", head, sep]
+        for r in self.rows:
+            line = f"| {r.name} | {r.psnr:.3f} | {r.ssim:.4f} | {r.seconds:.2f} |"
+            if solver:
+                line += f" {r.nfe} | {r.residual:.2e} | {'yes' if r.converged else 'no'} |"
+            lines.append(line)
+        m = self.means
+        line = f"| **mean** | **{m['psnr']:.3f}** | **{m['ssim']:.4f}** | {m['seconds']:.2f} |"
+        lines.append(line + (f" {m['nfe']:.1f} | | |" if solver else ""))
+        return "\n".join(lines) + "\n"
+
+
+def summary_markdown(reports: Sequence[Report]) -> str:
+    """One table of means: a row per (set, sigma) report."""
+    lines = [
+        "| method | set | sigma | images | PSNR (dB) | SSIM | s/image | nfe |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for rep in reports:
+        m = rep.means
+        nfe = f"{m['nfe']:.1f}" if m["nfe"] is not None else "-"
+        lines.append(
+            f"| {rep.method} | {rep.set_name} | {rep.sigma255:g} | {len(rep.rows)} | {m['psnr']:.3f} | "
+            f"{m['ssim']:.4f} | {m['seconds']:.2f} | {nfe} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def default_data_root() -> Path:
+    """$NERD_DATA, else ../shared/data from the working directory, else from the repository root."""
+    env = os.environ.get("NERD_DATA")
+    if env:
+        return Path(env)
+    for candidate in (Path.cwd() / ".." / "shared" / "data", REPO_ROOT / ".." / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return (Path.cwd() / ".." / "shared" / "data").resolve()
+
+
+def resolve_sets(data_root: str | os.PathLike[str], names: Sequence[str]) -> dict[str, list[Path]]:
+    """Image lists (sorted by name) of the set folders `names` under `data_root` (Set12, BSD68, ...).
+
+    Raises:
+        FileNotFoundError: a set folder is missing.
+        ValueError: a set folder holds no images.
+    """
+    root = Path(data_root)
+    sets: dict[str, list[Path]] = {}
+    for name in names:
+        folder = root / name
+        if not folder.is_dir():
+            have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            known = f" (have: {', '.join(have)})" if have else ""
+            raise FileNotFoundError(f"set {name!r} not found: no folder {folder}{known}")
+        images = list_images(folder)
+        if not images:
+            raise ValueError(f"set {name!r} has no images in {folder}")
+        sets[name] = images
+    return sets
+
+
+def _device_of(method: Method) -> torch.device:
+    if isinstance(method, torch.nn.Module):
+        for p in method.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate(
+    method: Method,
+    images: Sequence[str | os.PathLike[str]],
+    sigma255: float,
+    *,
+    set_name: str,
+    progress: bool = True,
+    solver: SolverConfig | None = None,
+    method_name: str | None = None,
+    limit: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Report:
+    """Run the protocol for `method` on `images` at noise level `sigma255` (0-255 scale).
+
+    Args:
+        method: a `Denoiser` (or any callable `(y, sigma) -> x_hat` on (1, 1, H, W) tensors, [0, 1] scale). A
+            `DEQDenoiser` (NERD) is run through `equilibrium`, and its solver statistics are recorded.
+        images: grayscale image files; evaluated in order of file name.
+        sigma255: noise std on the 0-255 scale (> 0).
+        set_name: the dataset's name, for the report.
+        progress: show a progress bar on stderr (only when stderr is a terminal).
+        solver: overrides NERD's solver config (ignored for other methods).
+        method_name: name in the report; default the method's class name, lower-cased.
+        limit: evaluate only the first `limit` images (recorded in the report).
+        meta: extra entries for the report's `meta`.
+    """
+    from tqdm import tqdm
+
+    if not sigma255 > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma255}")
+    paths = sorted((Path(p) for p in images), key=lambda p: p.name)
+    if limit is not None:
+        paths = paths[:limit]
+    name = method_name or type(method).__name__.lower()
+    sigma = float(sigma255) / 255.0
+    device = _device_of(method)
+    is_deq = isinstance(method, DEQDenoiser)
+    if isinstance(method, torch.nn.Module):
+        method.eval()
+    rows: list[Row] = []
+    bar = tqdm(paths, desc=f"{name} {set_name} s{sigma255:g}", unit="img", file=sys.stderr,
+               disable=not progress or not sys.stderr.isatty(), leave=False)
+    for path in bar:
+        x = load_gray(path).astype(np.float64)  # (H, W) in [0, 1]
+        y = torch.from_numpy(protocol_noisy(x, sigma255)).float()[None, None].to(device)  # (1, 1, H, W)
+        nfe = residual = converged = None
+        with torch.no_grad():
+            _sync(device)
+            start = time.perf_counter()
+            if is_deq:
+                eq = method.equilibrium(y, sigma, solver=solver)
+                x_hat_t = eq.x_hat
+            else:
+                x_hat_t = method(y, sigma)
+            _sync(device)
+            seconds = time.perf_counter() - start
+        if is_deq:
+            nfe = int(eq.stats.nfe[0])
+            residual = float(eq.stats.rel_residual[0])
+            converged = bool(eq.stats.converged[0])
+        x_hat = np.clip(x_hat_t[0, 0].detach().double().cpu().numpy(), 0.0, 1.0)
+        rows.append(Row(path.name, psnr(x_hat, x), ssim(x_hat, x), seconds, nfe, residual, converged))
+        bar.set_postfix(psnr=f"{np.mean([r.psnr for r in rows]):.2f}")
+    bar.close()
+    info: dict[str, Any] = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if is_deq:
+        info["solver"] = asdict(solver or method.solver)
+    info.update(meta or {})
+    return Report(name, set_name, float(sigma255), rows, limit, info)
+

@@ -1,0 +1,343 @@
+"""Training NERD: random crops, AWGN, MSE (eq. 6), AdamW + cosine, checkpoints that survive being killed.
+
+A run lives in a folder `runs/NAME/`:
+    config.json      the resolved config
+    last.pt          the one resumable checkpoint (model, optimiser, RNG states, step, elapsed time), atomic
+    best.safetensors the weights with the best validation PSNR so far (with their metadata)
+    log.csv          one row per `log_every` steps: loss, lr, solver f-evaluations and residual, speed
+    val.csv          one row per validation: PSNR on held-out training images, solver statistics
+    curve.png        the learning curve, redrawn from the logs at every validation
+
+`train(cfg, out=...)` runs or resumes it; under `torchrun` it uses DistributedDataParallel (NCCL on GPUs, gloo on
+the CPU), each rank taking its slice of the same global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nerd.config import Config, config_from_dict, config_to_dict
+from nerd.data.patches import PatchSampler, load_folder, validation_pairs
+from nerd.models import DEQDenoiser
+from nerd.weights import save_weights
+
+LOG_FIELDS = ["step", "lr", "loss", "train_psnr", "nfe", "rel_residual", "sec_per_step", "elapsed_s"]
+VAL_FIELDS = ["step", "elapsed_s", "sigma", "val_psnr", "nfe", "rel_residual", "converged"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf: the run stops and the last good checkpoint is kept."""
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("NERD_DATA", "../shared/data"))
+
+
+def lr_at(step: int, total: int, cfg: Config) -> float:
+    """Linear warm-up, then cosine decay from lr to lr_min over the remaining steps."""
+    t = cfg.train
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    progress = min(1.0, (step - t.warmup) / max(1, total - t.warmup))
+    return t.lr_min + 0.5 * (t.lr - t.lr_min) * (1 + math.cos(math.pi * progress))
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _append_csv(path: Path, fields: list[str], row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+        fields = list(rows[0].keys()) if rows else None
+    if fields is None:
+        return
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["step"]) <= step)
+
+
+@torch.no_grad()
+def validate(model: DEQDenoiser, pairs: list[tuple[Tensor, Tensor]], sigma255: float, device: torch.device) -> dict:
+    """Mean PSNR (clipped output, float64) and solver statistics over fixed validation pairs."""
+    was_training = model.training
+    model.eval()
+    psnrs, nfes, res, conv = [], [], [], []
+    for x, y in pairs:
+        eq = model.equilibrium(y.to(device), sigma255 / 255.0)
+        mse = (eq.x_hat.clamp(0, 1).double().cpu() - x.double()).pow(2).mean().item()
+        psnrs.append(10 * math.log10(1 / max(mse, 1e-20)))
+        nfes.append(eq.stats.nfe.float().mean().item())
+        res.append(eq.stats.rel_residual.mean().item())
+        conv.append(float(eq.stats.converged.float().mean()))
+    model.train(was_training)
+    n = len(pairs)
+    return {
+        "val_psnr": sum(psnrs) / n,
+        "nfe": sum(nfes) / n,
+        "rel_residual": sum(res) / n,
+        "converged": sum(conv) / n,
+    }
+
+
+def plot_curve(run: Path) -> Path | None:
+    """Redraw `curve.png` from log.csv and val.csv (needs matplotlib; skipped without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, ax, key in (("log.csv", axes[0], "train_psnr"), ("val.csv", axes[1], "val_psnr")):
+        path = run / name
+        if not path.exists():
+            continue
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows:
+            continue
+        hours = [float(r["elapsed_s"]) / 3600 for r in rows]
+        vals = [float(r[key]) for r in rows]
+        if key == "train_psnr" and len(vals) > 10:  # moving average: single batches are noisy
+            k = max(1, len(vals) // 30)
+            vals = [sum(vals[max(0, i - k) : i + 1]) / len(vals[max(0, i - k) : i + 1]) for i in range(len(vals))]
+        ax.plot(hours, vals, marker="o" if key == "val_psnr" else None, ms=3)
+        ax.set_xlabel("training hours (this machine)")
+        ax.set_ylabel(f"{key.replace('_', ' ')} (dB)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("training batches (moving average)")
+    axes[1].set_title("held-out validation images")
+    fig.suptitle(run.name)
+    fig.tight_layout()
+    out = run / "curve.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def _setup_distributed() -> tuple[int, int, torch.device | None]:
+    """(rank, world size, device) under torchrun; (0, 1, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    device = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def train(
+    cfg: Config,
+    *,
+    out: str | os.PathLike[str],
+    resume: bool = False,
+    device: str | None = None,
+    stop_after: int | None = None,
+    max_minutes: float | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume) the run in folder `out`; returns the folder.
+
+    Args:
+        stop_after: stop (with a checkpoint) once this step is reached, as if the run had been killed there.
+        max_minutes: stop (with a checkpoint) after this much wall-clock time in this invocation.
+    """
+    rank, world, dist_device = _setup_distributed()
+    run = Path(out)
+    t = cfg.train
+    dev = dist_device or torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if t.threads and dev.type == "cpu":
+        torch.set_num_threads(t.threads)
+    if t.batch % world:
+        raise ValueError(f"batch {t.batch} is not divisible by the {world} processes")
+    ckpt_path = run / "last.pt"
+    ckpt = None
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        cfg = config_from_dict(ckpt["config"])
+        t = cfg.train
+    elif ckpt_path.exists():
+        raise FileExistsError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+
+    torch.manual_seed(t.seed)
+    data_root = Path(t.data) if t.data else default_data_root() / "Train400"
+    train_images, val_images, _ = load_folder(data_root, t.val_images)
+    total = t.total_steps(len(train_images))
+    generator = torch.Generator().manual_seed(t.seed)
+    sampler = PatchSampler(train_images, t.crop, t.sigma, generator)
+    val_sets = {s: validation_pairs(val_images, s, t.val_crop) for s in t.sigma}
+
+    model = DEQDenoiser(cfg.model, solver=cfg.solver, grad=cfg.grad)
+    if t.init and ckpt is None:  # fine-tune from exported weights (e.g. sigma 25 -> 15/50)
+        from nerd.weights import load_weights
+
+        init_model, _ = load_weights(t.init)
+        model.load_state_dict(init_model.state_dict())
+    model.to(dev).train()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or "original0" in name else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=t.betas,
+    )
+    step, elapsed, best = 0, 0.0, -math.inf
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["rng"]["data"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        step, elapsed, best = ckpt["step"], ckpt["elapsed_s"], ckpt["best_val"]
+        if rank == 0:
+            _truncate_csv(run / "log.csv", step)
+            _truncate_csv(run / "val.csv", step)
+    net: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if t.compile:
+        model.layer = torch.compile(model.layer)  # type: ignore[assignment]
+    amp = t.amp == "on" or (t.amp == "auto" and dev.type == "cuda")
+    train_solver = replace(cfg.solver, max_iter=t.train_iters) if t.train_iters else cfg.solver
+
+    def checkpoint() -> None:
+        if rank != 0:
+            return
+        _atomic_save(
+            {
+                "config": config_to_dict(cfg),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": {"data": generator.get_state(), "torch": torch.get_rng_state()},
+                "step": step,
+                "elapsed_s": elapsed,
+                "best_val": best,
+            },
+            ckpt_path,
+        )
+
+    def run_validation() -> None:
+        nonlocal best
+        if rank != 0:
+            return
+        rows = []
+        for s, pairs in val_sets.items():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                stats = validate(model, pairs, s, dev)
+            rows.append(stats)
+            _append_csv(run / "val.csv", VAL_FIELDS, {"step": step, "elapsed_s": round(elapsed, 1), "sigma": s,
+                                                     **{k: round(v, 5) for k, v in stats.items()}})
+        mean = sum(r["val_psnr"] for r in rows) / len(rows)
+        if mean > best:
+            best = mean
+            save_weights(model, run / "best.safetensors", sigma255=t.sigma[0],
+                         scores={"val_psnr": round(mean, 4), "val_images": t.val_images},
+                         train={"run": run.name, "step": step, "hours": round(elapsed / 3600, 3),
+                                "crops": step * t.batch, "config": config_to_dict(cfg)})
+        plot_curve(run)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=run.name, unit="step", dynamic_ncols=True)
+    started, last_ckpt = time.monotonic(), time.monotonic()
+    t_step = time.monotonic()
+    try:
+        while step < total:
+            x, y, sigma = sampler.sample(t.batch)
+            lo, hi = rank * t.batch // world, (rank + 1) * t.batch // world
+            x, y, sigma = x[lo:hi].to(dev), y[lo:hi].to(dev), sigma[lo:hi].to(dev)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, cfg)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                eq = model.equilibrium(y, sigma, solver=train_solver) if world == 1 else None
+                x_hat = eq.x_hat if eq is not None else net(y, sigma, solver=train_solver)
+            loss = F.mse_loss(x_hat.float(), x)  # eq. (6): ||n - n_hat||^2 = ||x - x_hat||^2
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; kept the checkpoint of step "
+                                    f"{torch.load(ckpt_path, weights_only=False)['step'] if ckpt_path.exists() else 0}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            step += 1
+            now = time.monotonic()
+            elapsed += now - t_step
+            sec, t_step = now - t_step, now
+            if bar is not None:
+                bar.update(1)
+            if rank == 0 and (step % t.log_every == 0 or step == total):
+                stats = eq.stats if eq is not None else None
+                row = {"step": step, "lr": f"{optimizer.param_groups[0]['lr']:.3e}", "loss": f"{loss.item():.4e}",
+                       "train_psnr": round(10 * math.log10(1 / max(loss.item(), 1e-20)), 3),
+                       "nfe": round(stats.nfe.float().mean().item(), 2) if stats else "",
+                       "rel_residual": f"{stats.rel_residual.mean().item():.3e}" if stats else "",
+                       "sec_per_step": round(sec, 3), "elapsed_s": round(elapsed, 1)}
+                _append_csv(run / "log.csv", LOG_FIELDS, row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss.item():.2e}", nfe=row["nfe"], res=row["rel_residual"])
+            if t.val_every and step % t.val_every == 0 and step < total:
+                run_validation()
+                t_step = time.monotonic()  # validation time is not training time
+            if time.monotonic() - last_ckpt > 60 * t.checkpoint_minutes:
+                checkpoint()
+                last_ckpt = time.monotonic()
+            if (stop_after is not None and step >= stop_after) or (
+                max_minutes is not None and time.monotonic() - started > 60 * max_minutes
+            ):
+                break
+        if step >= total:
+            run_validation()
+        checkpoint()
+    finally:
+        if bar is not None:
+            bar.close()
+    return run
+
+
+def resolved_config(cfg: Config, **train_overrides: object) -> Config:
+    """`cfg` with explicit overrides of its [train] section (explicit arguments win over the file)."""
+    clean = {k: v for k, v in train_overrides.items() if v is not None}
+    return replace(cfg, train=replace(cfg.train, **clean)) if clean else cfg
