@@ -127,6 +127,12 @@ def output_format(path: str | os.PathLike[str], depth: int) -> str:
     return fmt
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def to_pixels(x: np.ndarray, depth: int) -> np.ndarray:
     """x: float (H, W) in [0, 1] -> uint8 (depth 8), uint16 (16) or float32 (32) pixels, rounded and clipped."""
     x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
@@ -156,6 +162,7 @@ def write_image(path: str | os.PathLike[str], x: np.ndarray, depth: int = 8) -> 
     try:
         with os.fdopen(fd, "wb") as fh:
             im.save(fh, format=fmt, **options)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -185,7 +185,7 @@ def _load(name: str, device: str, cache: dict[str, tuple[Any, dict[str, Any]]]) 
         try:
             cache[name] = load_weights(name, device=device)
         except WeightsError as err:
-            raise UserError(f"weights: {err}") from None
+            raise UserError(str(err)) from None
     return cache[name]
 
 
@@ -252,11 +252,10 @@ def run(args: argparse.Namespace) -> int:
             job.weights = args.weights or _weights_for_sigma(job.sigma)
         if len(jobs) == 1:
             cached[job.src] = y
-    for job in jobs:
-        _, info = _load(job.weights, device, models)
-        if abs(info["sigma"] - job.sigma) > 0.5 and not args.quiet:
-            print(f"note: {job.weights} was trained for sigma {info['sigma']:g}, the image's sigma is {job.sigma:g}",
-                  file=sys.stderr)
+    for name in dict.fromkeys(job.weights for job in jobs):  # load (and check) every weights file needed
+        _, info = _load(name, device, models)
+        if isinstance(sigma, float) and abs(info["sigma"] - sigma) > 0.5 and not args.quiet:
+            print(f"note: {name} was trained for sigma {info['sigma']:g}; you gave --sigma {sigma:g}", file=sys.stderr)
     if create is not None:
         create.mkdir()
 

@@ -169,7 +169,7 @@ class DEQDenoiser(Denoiser):
             def f(z: Tensor) -> Tensor:
                 return self.layer(z, s, mask).to(z.dtype)
 
-            z0 = torch.zeros_like(s, dtype=torch.float32)
+            z0 = torch.zeros_like(s, dtype=torch.promote_types(s.dtype, torch.float32))  # solver state: >= fp32
             grad_on = torch.is_grad_enabled()
             if grad_on and self.grad.mode == "unrolled":
                 z = unrolled(f, z0, steps=self.grad.steps, damping=self.grad.damping)

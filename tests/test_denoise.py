@@ -1,0 +1,243 @@
+"""`nerd denoise` and `nerd.denoise.denoise_image` with a tiny model: round trips, batches, every refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nerd.weights
+from nerd.cli import main
+from nerd.denoise import DenoiseError, denoise_image
+from nerd.models import create_model
+from nerd.weights import save_weights
+
+H, W = 37, 31
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    save_weights(create_model("tiny"), path, sigma255=25)
+    return path
+
+
+@pytest.fixture()
+def noisy(tmp_path) -> Path:
+    """An 8-bit 37x31 noisy PNG in tmp_path/in."""
+    rng = np.random.RandomState(0)
+    img = np.clip(128 + 40 * np.sin(np.arange(W) / 4)[None, :] + 25 * rng.randn(H, W), 0, 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(img).save(tmp_path / "in" / "a.png")
+    return tmp_path / "in" / "a.png"
+
+
+def cli(capsys, *argv: object) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_8bit_png_round_trip(capsys, tmp_path, noisy, weights):
+    rc, out, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--weights", weights, "--sigma", 25,
+                       "--device", "cpu")
+    assert rc == 0, err
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.mode == "L" and im.size == (W, H)
+    line = out.strip()
+    assert "a.png: 31x37" in line and "iterations" in line and "rel residual" in line and " s " in line
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_round_trip(capsys, tmp_path, weights, suffix):
+    rng = np.random.RandomState(1)
+    img = np.clip(30000 + 6425 * rng.randn(H, W), 0, 65535).astype(np.uint16)
+    Image.fromarray(img).save(tmp_path / f"a{suffix}")
+    rc, _, err = cli(capsys, "denoise", tmp_path / f"a{suffix}", "-o", tmp_path / f"o{suffix}", "--weights", weights)
+    assert rc == 0, err
+    with Image.open(tmp_path / f"o{suffix}") as im:
+        assert im.mode.startswith("I;16") and im.size == (W, H)
+        assert len(np.unique(np.asarray(im))) > 256  # really 16-bit values, not 8-bit scaled up
+
+
+def test_folder_and_several_files(capsys, tmp_path, noisy, weights):
+    Image.fromarray(np.full((20, 23), 90, np.uint8)).save(tmp_path / "in" / "b.tif")
+    Image.fromarray(np.full((20, 23), 9000, np.uint16)).save(tmp_path / "in" / "c.png")
+    rc, out, err = cli(capsys, "denoise", tmp_path / "in", "-o", tmp_path / "out", "--weights", weights, "--iters", 2)
+    assert rc == 0, err
+    assert files(tmp_path / "out") == ["a.png", "b.tif", "c.png"]
+    assert out.count("iterations") == 3
+    with Image.open(tmp_path / "out" / "c.png") as im:
+        assert im.mode.startswith("I;16") and im.size == (23, 20)
+    rc, _, err = cli(capsys, "denoise", noisy, tmp_path / "in" / "b.tif", "-o", tmp_path / "two",
+                     "--weights", weights, "--iters", 2, "--quiet")
+    assert rc == 0, err
+    assert files(tmp_path / "two") == ["a.png", "b.tif"]
+
+
+def test_colour_needs_gray(capsys, tmp_path, weights):
+    rgb = np.random.RandomState(2).randint(0, 256, (H, W, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    rc, _, err = cli(capsys, "denoise", tmp_path / "c.png", "-o", tmp_path / "o.png", "--weights", weights)
+    assert rc == 2 and "--gray" in err and not (tmp_path / "o.png").exists()
+    rc, _, err = cli(capsys, "denoise", tmp_path / "c.png", "-o", tmp_path / "o.png", "--weights", weights, "--gray")
+    assert rc == 0, err
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.mode == "L" and im.size == (W, H)
+
+
+def test_iters_changes_reported_iterations(capsys, tmp_path, noisy, weights):
+    for n in (2, 4):
+        rc, out, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--weights", weights,
+                           "--iters", n, "--tol", "1e-12")
+        assert rc == 0, err
+        assert f"{n} iterations" in out and "NOT converged" in out
+
+
+def test_output_into_existing_folder_keeps_name(capsys, tmp_path, noisy, weights):
+    (tmp_path / "out").mkdir()
+    rc, _, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "out", "--weights", weights, "--iters", 1)
+    assert rc == 0, err
+    assert files(tmp_path / "out") == ["a.png"]
+
+
+def _bad_inputs(tmp: Path, noisy: Path, weights: Path) -> dict[str, tuple[list[object], str]]:
+    """Name -> (argv after 'denoise', expected stderr fragment); files are made in tmp/bad."""
+    bad = tmp / "bad"
+    bad.mkdir(exist_ok=True)
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "text.png").write_text("not an image\n")
+    (bad / "cut.png").write_bytes(noisy.read_bytes()[:60])
+    nan = np.full((H, W), 0.5, np.float32)
+    nan[2, 3] = np.nan
+    Image.fromarray(nan).save(bad / "nan.tif")
+    inf = np.full((H, W), 0.5, np.float32)
+    inf[0, 0] = np.inf
+    Image.fromarray(inf).save(bad / "inf.tif")
+    Image.fromarray(np.full((H, W), 9000, np.uint16)).save(bad / "deep.png")
+    flipped = bytearray(weights.read_bytes())
+    flipped[-40:-20] = bytes(b ^ 0xFF for b in flipped[-40:-20])
+    (bad / "flipped.safetensors").write_bytes(bytes(flipped))
+    header = bytearray(weights.read_bytes())
+    header[10:30] = b"\xff" * 20
+    (bad / "header.safetensors").write_bytes(bytes(header))
+    (bad / "afile").write_text("x")
+    out = tmp / "out"
+    w = ["--weights", weights]
+    return {
+        "missing": ([tmp / "nope.png", "-o", out / "o.png", *w], "no such file"),
+        "not an image": ([bad / "text.png", "-o", out / "o.png", *w], "not an image"),
+        "empty": ([bad / "empty.png", "-o", out / "o.png", *w], "empty file"),
+        "truncated": ([bad / "cut.png", "-o", out / "o.png", *w], "truncated"),
+        "nan pixels": ([bad / "nan.tif", "-o", out / "o.tif", *w], "NaN"),
+        "inf pixels": ([bad / "inf.tif", "-o", out / "o.tif", *w], "infinite"),
+        "sigma 0": ([noisy, "-o", out / "o.png", *w, "--sigma", 0], "--sigma"),
+        "sigma negative": ([noisy, "-o", out / "o.png", *w, "--sigma", -5], "--sigma"),
+        "sigma absurd": ([noisy, "-o", out / "o.png", *w, "--sigma", 300], "0-255"),
+        "sigma nan": ([noisy, "-o", out / "o.png", *w, "--sigma", "nan"], "--sigma"),
+        "sigma text": ([noisy, "-o", out / "o.png", *w, "--sigma", "lots"], "--sigma"),
+        "no sigma no weights": ([noisy, "-o", out / "o.png"], "--sigma"),
+        "unknown weights": ([noisy, "-o", out / "o.png", "--weights", "nerd-s999"], "unknown weights"),
+        "missing weights file": ([noisy, "-o", out / "o.png", "--weights", tmp / "no.safetensors"], "not found"),
+        "corrupt weights": ([noisy, "-o", out / "o.png", "--weights", bad / "flipped.safetensors"], "checksum"),
+        "corrupt header": ([noisy, "-o", out / "o.png", "--weights", bad / "header.safetensors"], "weights"),
+        "output folder missing": ([noisy, "-o", tmp / "nope" / "o.png", *w], "does not exist"),
+        "output parent is a file": ([noisy, "-o", bad / "afile" / "o.png", *w], "not a folder"),
+        "batch output is a file": ([noisy, bad / "deep.png", "-o", bad / "afile", *w], "output folder"),
+        "batch folder parent missing": ([noisy, bad / "deep.png", "-o", tmp / "a" / "b", *w], "does not exist"),
+        "16-bit to jpeg": ([bad / "deep.png", "-o", out / "o.jpg", *w], "16-bit"),
+        "unknown output suffix": ([noisy, "-o", out / "o.xyz", *w], "unsupported output suffix"),
+        "overwrite input": ([noisy, "-o", noisy, *w], "overwrite"),
+        "no output": ([noisy, *w], "-o"),
+        "no input": (["-o", out / "o.png", *w], "NOISY"),
+        "iters 0": ([noisy, "-o", out / "o.png", *w, "--iters", 0], "--iters"),
+        "iters text": ([noisy, "-o", out / "o.png", *w, "--iters", "2.5"], "integer"),
+        "tol negative": ([noisy, "-o", out / "o.png", *w, "--tol", "-1"], "--tol"),
+        "bad device": ([noisy, "-o", out / "o.png", *w, "--device", "tpu"], "--device"),
+        "batch with one bad image": ([noisy, bad / "cut.png", "-o", out, *w], "truncated"),
+    }
+
+
+CASES = [
+    "missing", "not an image", "empty", "truncated", "nan pixels", "inf pixels", "sigma 0", "sigma negative",
+    "sigma absurd", "sigma nan", "sigma text", "no sigma no weights", "unknown weights", "missing weights file",
+    "corrupt weights", "corrupt header", "output folder missing", "output parent is a file",
+    "batch output is a file", "batch folder parent missing", "16-bit to jpeg", "unknown output suffix",
+    "overwrite input", "no output", "no input", "iters 0", "iters text", "tol negative", "bad device",
+    "batch with one bad image",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, noisy, weights, case):
+    argv, fragment = _bad_inputs(tmp_path, noisy, weights)[case]
+    (tmp_path / "out").mkdir()
+    before = files(tmp_path)
+    rc, out, err = cli(capsys, "denoise", *argv)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("nerd denoise: error: "), err
+    assert fragment in err and "Traceback" not in err
+    assert files(tmp_path) == before
+
+
+def test_non_finite_output_is_an_error(capsys, tmp_path, noisy):
+    model = create_model("tiny")
+    with torch.no_grad():
+        model.decode.body[-1].bias.fill_(float("nan"))
+    save_weights(model, tmp_path / "nan.safetensors", sigma255=25)
+    (tmp_path / "out").mkdir()
+    rc, _, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "out" / "o.png",
+                     "--weights", tmp_path / "nan.safetensors")
+    assert rc == 2 and "NaN" in err and err.count("\n") == 1
+    assert files(tmp_path / "out") == []
+    with pytest.raises(DenoiseError):
+        denoise_image(model, np.full((H, W), 0.5, np.float32), 25, device="cpu")
+
+
+def test_denoise_image_library(weights):
+    model, info = nerd.weights.load_weights(weights)
+    y = np.random.RandomState(3).rand(H, W).astype(np.float32)
+    x, summary = denoise_image(model, y, 25, device="cpu")
+    assert x.dtype == np.float32 and x.shape == (H, W) and 0 <= x.min() and x.max() <= 1
+    assert {"nfe", "rel_residual", "converged", "seconds", "height", "width"} <= set(summary)
+    assert summary["height"] == H and summary["width"] == W
+    assert not model.training
+    for bad_sigma in (0, -1, 256, float("nan")):
+        with pytest.raises(ValueError):
+            denoise_image(model, y, bad_sigma, device="cpu")
+    with pytest.raises(ValueError):
+        denoise_image(model, y * np.nan, 25, device="cpu")
+
+
+def test_sigma_auto_picks_nearest_shipped(capsys, tmp_path, noisy, monkeypatch):
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(nerd.weights, "WEIGHTS_DIR", shipped)
+    rc, _, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--sigma", "auto")
+    assert rc == 2 and "none are installed" in err
+    rc, _, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--sigma", 25)
+    assert rc == 2 and "no shipped weights for sigma 25" in err
+    for s in (5, 50):
+        save_weights(create_model("tiny"), shipped / f"nerd-s{s}.safetensors", sigma255=s)
+    rc, out, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--sigma", "auto", "--iters", 1)
+    assert rc == 0, err
+    assert "estimated sigma" in out and "nerd-s" in out
+    rc, out, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--sigma", 50, "--iters", 1)
+    assert rc == 0, err
+
+
+def test_sample(capsys, tmp_path, weights):
+    rc, out, err = cli(capsys, "denoise", "--sample", "-o", tmp_path / "s.png", "--sigma", 25,
+                       "--weights", weights, "--iters", 1)
+    assert rc == 0, err
+    assert "PSNR" in out and "sample_clean.png" in out
+    with Image.open(tmp_path / "s.png") as im:
+        assert im.size == (256, 256) and im.mode == "L"

@@ -1,0 +1,128 @@
+"""nerd.io: grayscale 8/16-bit and float images in and out, refusals, atomic writes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nerd.io import ImageError, list_images, load_gray, output_format, read_image, to_pixels, write_image
+
+H, W = 37, 31
+
+
+def ramp(dtype: type, top: int) -> np.ndarray:
+    return (np.arange(H * W).reshape(H, W) * 7 % (top + 1)).astype(dtype)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".bmp"])
+def test_8bit_round_trip_is_exact(tmp_path, suffix):
+    pixels = ramp(np.uint8, 255)
+    Image.fromarray(pixels).save(tmp_path / f"a{suffix}")
+    x, depth = read_image(tmp_path / f"a{suffix}")
+    assert depth == 8 and x.dtype == np.float32 and x.shape == (H, W)
+    assert x.min() >= 0 and x.max() <= 1
+    write_image(tmp_path / f"b{suffix}", x, depth)
+    with Image.open(tmp_path / f"b{suffix}") as im:
+        assert im.mode == "L" and im.size == (W, H)
+        np.testing.assert_array_equal(np.asarray(im), pixels)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_round_trip_is_exact(tmp_path, suffix):
+    pixels = ramp(np.uint16, 65535) * 9
+    Image.fromarray(pixels).save(tmp_path / f"a{suffix}")
+    x, depth = read_image(tmp_path / f"a{suffix}")
+    assert depth == 16
+    np.testing.assert_allclose(x, pixels / 65535.0, atol=1e-7)
+    write_image(tmp_path / f"b{suffix}", x, depth)
+    with Image.open(tmp_path / f"b{suffix}") as im:
+        assert im.mode.startswith("I;16") and im.size == (W, H)
+        np.testing.assert_array_equal(np.asarray(im), pixels)
+
+
+def test_load_gray_and_list_images(tmp_path):
+    Image.fromarray(ramp(np.uint8, 255)).save(tmp_path / "b.png")
+    Image.fromarray(ramp(np.uint8, 255)).save(tmp_path / "a.jpg")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png"]
+    x = load_gray(tmp_path / "b.png")
+    assert x.dtype == np.float32 and x.shape == (H, W)
+    np.testing.assert_allclose(x, ramp(np.uint8, 255) / 255.0, atol=1e-7)
+
+
+def test_gray_stored_as_rgb_is_gray(tmp_path):
+    g = ramp(np.uint8, 255)
+    Image.fromarray(np.stack([g, g, g], -1)).save(tmp_path / "g.png")
+    x, depth = read_image(tmp_path / "g.png")
+    assert depth == 8
+    np.testing.assert_allclose(x, g / 255.0, atol=1e-7)
+
+
+def test_colour_refused_unless_gray(tmp_path):
+    g = ramp(np.uint8, 255)
+    Image.fromarray(np.stack([g, 255 - g, g // 2], -1)).save(tmp_path / "c.png")
+    with pytest.raises(ImageError, match="--gray"):
+        read_image(tmp_path / "c.png")
+    x, depth = read_image(tmp_path / "c.png", gray=True)
+    assert depth == 8 and x.shape == (H, W)
+    pal = Image.fromarray(np.stack([g, 255 - g, g // 2], -1)).convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.save(tmp_path / "p.png")
+    with pytest.raises(ImageError, match="colour"):
+        read_image(tmp_path / "p.png")
+
+
+def test_float_tiff(tmp_path):
+    f = (ramp(np.uint8, 255) / 255.0).astype(np.float32)
+    Image.fromarray(f).save(tmp_path / "f.tif")
+    x, depth = read_image(tmp_path / "f.tif")
+    assert depth == 32
+    np.testing.assert_array_equal(x, f)
+    f[3, 4] = np.nan
+    Image.fromarray(f).save(tmp_path / "nan.tif")
+    with pytest.raises(ImageError, match="NaN"):
+        read_image(tmp_path / "nan.tif")
+    Image.fromarray(np.full((H, W), 3.0, np.float32)).save(tmp_path / "big.tif")
+    with pytest.raises(ImageError, match=r"outside \[0, 1\]"):
+        read_image(tmp_path / "big.tif")
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello, not an image\n")
+    Image.fromarray(ramp(np.uint8, 255)).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    cases = {"missing.png": "no such file", "empty.png": "empty file", "text.png": "not an image",
+             "cut.png": "truncated or corrupt"}
+    for name, message in cases.items():
+        with pytest.raises(ImageError, match=message) as info:
+            read_image(tmp_path / name)
+        assert "\n" not in str(info.value)
+
+
+def test_output_format_checks():
+    assert output_format("a.PNG", 16) == "PNG"
+    assert output_format("a.tiff", 32) == "TIFF"
+    with pytest.raises(ImageError, match="16-bit"):
+        output_format("a.jpg", 16)
+    with pytest.raises(ImageError, match="unsupported output suffix"):
+        output_format("a.gif", 8)
+
+
+def test_write_is_atomic_and_readable(tmp_path):
+    x = np.linspace(0, 1, H * W, dtype=np.float32).reshape(H, W)
+    write_image(tmp_path / "o.png", x, 8)
+    assert [p.name for p in tmp_path.iterdir()] == ["o.png"]  # no temporary left
+    assert (os.stat(tmp_path / "o.png").st_mode & 0o777) != 0o600
+    with pytest.raises(ValueError):
+        write_image(tmp_path / "bad.png", x * np.nan, 8)
+    assert [p.name for p in tmp_path.iterdir()] == ["o.png"]
+
+
+def test_to_pixels_rounds_and_clips():
+    x = np.array([[-0.1, 0.5, 1.2]])
+    np.testing.assert_array_equal(to_pixels(x, 8), [[0, 128, 255]])
+    np.testing.assert_array_equal(to_pixels(x, 16), [[0, 32768, 65535]])

@@ -1,0 +1,114 @@
+"""NERD as the paper describes it: shapes, gradients, determinism, dropout, per-sample solving, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from nerd.config import GradConfig, SolverConfig
+from nerd.models import count_parameters, create_model
+
+VARIANTS = [
+    {},
+    {"blocks": "nl"},
+    {"blocks": "trans"},
+    {"post_norm": False},
+    {"equilibrium": "image"},
+    {"weight_norm": False},
+    {"dropout": 0.2},
+]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("mode", ["phantom", "implicit", "unrolled"])
+def test_shape_and_every_parameter_gets_a_gradient(odd_image, overrides, mode):
+    torch.manual_seed(0)
+    grad = GradConfig(mode=mode, steps=3, backward=SolverConfig(name="anderson", max_iter=10, tol=1e-4))
+    model = create_model("tiny", solver=SolverConfig(max_iter=5), grad=grad, **overrides).train()
+    x_hat = model(odd_image, 0.1)
+    assert x_hat.shape == odd_image.shape and torch.isfinite(x_hat).all()
+    x_hat.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no gradient for {missing}"
+
+
+def test_eval_is_deterministic_and_batch_equals_singles(odd_image):
+    torch.manual_seed(0)
+    # float64: an untrained model is far from contractive, so float32 rounding would be amplified by the solve
+    model = create_model("tiny", solver=SolverConfig(max_iter=12, tol=1e-4), dropout=0.3).eval().double()
+    odd_image = odd_image.double()
+    with torch.no_grad():
+        a = model.equilibrium(odd_image, 0.1)
+        b = model.equilibrium(odd_image, 0.1)
+        singles = [model.equilibrium(odd_image[i : i + 1], 0.1) for i in range(2)]
+    torch.testing.assert_close(a.x_hat, b.x_hat, rtol=0, atol=0)
+    torch.testing.assert_close(a.x_hat, torch.cat([s.x_hat for s in singles]), rtol=0, atol=1e-9)
+    assert a.stats.nfe.tolist() == [int(s.stats.nfe[0]) for s in singles]
+
+
+def test_dropout_mask_is_shared_by_every_iteration_and_gradient_step(odd_image):
+    torch.manual_seed(0)
+    model = create_model("tiny", solver=SolverConfig(max_iter=4), grad=GradConfig(steps=3), dropout=0.5).train()
+    masks = []
+    original = model.layer.forward
+
+    def spy(z, s, mask=None):
+        masks.append(mask)
+        return original(z, s, mask)
+
+    model.layer.forward = spy
+    model(odd_image, 0.1).sum().backward()
+    assert len(masks) == 4 + 3 and masks[0] is not None
+    assert all(m is masks[0] for m in masks)
+    model.eval()
+    masks.clear()
+    with torch.no_grad():
+        model(odd_image, 0.1)
+    assert all(m is None for m in masks)
+
+
+def test_weight_norm_computed_once_per_forward(odd_image, monkeypatch):
+    model = create_model("tiny", solver=SolverConfig(max_iter=6), grad=GradConfig(steps=3)).train()
+    calls = []
+    for module in model.layer.weighted():
+        param = module.parametrizations.weight[0]
+        orig = param.forward
+        monkeypatch.setattr(param, "forward", lambda *a, _o=orig: calls.append(1) or _o(*a))
+    model(odd_image, 0.1).sum().backward()
+    assert len(calls) == len(model.layer.weighted()) == 4
+    assert not parametrize.is_parametrized(model.inject.body[1])  # only the implicit layer is normalised
+
+
+def test_paper_preset_has_the_papers_parameter_count():
+    n = count_parameters(create_model("paper"))
+    assert abs(n - 1.40e6) / 1.40e6 < 0.02
+
+
+def test_solver_statistics_are_per_sample(odd_image):
+    model = create_model("tiny", solver=SolverConfig(max_iter=7, tol=1e-12)).eval()
+    with torch.no_grad():
+        eq = model.equilibrium(odd_image, 0.1)
+    assert eq.stats.nfe.tolist() == [7, 7]
+    assert eq.stats.trace.shape == (2, 7)
+    fewer = model.equilibrium(odd_image, 0.1, solver=SolverConfig(max_iter=3))
+    assert fewer.stats.nfe.tolist() == [3, 3]
+
+
+def test_bf16_autocast_runs_and_stays_close(odd_image):
+    model = create_model("tiny", solver=SolverConfig(max_iter=6)).eval()
+    with torch.no_grad():
+        ref = model(odd_image, 0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(odd_image, 0.1)
+    assert low.dtype == torch.float32 or low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.1
+
+
+def test_noise_vs_image_equilibrium_decoding(odd_image):
+    torch.manual_seed(0)
+    noise = create_model("tiny", solver=SolverConfig(max_iter=3)).eval()
+    image = create_model("tiny", solver=SolverConfig(max_iter=3), equilibrium="image").eval()
+    image.load_state_dict(noise.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(noise(odd_image, 0.1) - odd_image, image(odd_image, 0.1))

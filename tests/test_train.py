@@ -1,0 +1,122 @@
+"""Training: runs, validates, checkpoints; a killed run resumes and reproduces the uninterrupted one."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+
+import pytest
+import torch
+
+from nerd.config import Config, GradConfig, SolverConfig, TrainConfig, load_config
+from nerd.data.patches import PatchSampler, dihedral
+from nerd.models import preset_config
+from nerd.train import NonFiniteLoss, lr_at, train
+from nerd.weights import load_weights
+
+
+def tiny_config(folder, steps=6) -> Config:
+    return Config(
+        model=preset_config("tiny"),
+        solver=SolverConfig(max_iter=4, tol=1e-3),
+        grad=GradConfig(steps=2),
+        train=TrainConfig(data=str(folder), sigma=(25.0,), crop=16, batch=2, steps=steps, lr=1e-3,
+                          val_images=2, val_every=3, log_every=1, checkpoint_minutes=1e9, threads=2),
+    )
+
+
+def test_run_writes_logs_checkpoint_best_weights(image_folder, tmp_path):
+    run = train(tiny_config(image_folder), out=tmp_path / "run", progress=False)
+    for name in ("last.pt", "best.safetensors", "log.csv", "val.csv", "config.json"):
+        assert (run / name).exists(), name
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(float(r["nfe"]) <= 4 for r in rows)
+    val = list(csv.DictReader(open(run / "val.csv")))
+    assert [int(r["step"]) for r in val] == [3, 6]
+    model, info = load_weights(run / "best.safetensors")
+    assert info["sigma"] == 25.0 and "val_psnr" in info["scores"]
+
+
+def test_resume_reproduces_uninterrupted_run(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, steps=6)
+    full = train(cfg, out=tmp_path / "full", progress=False)
+    part = train(cfg, out=tmp_path / "part", stop_after=3, progress=False)
+    assert torch.load(part / "last.pt", weights_only=False)["step"] == 3
+    train(cfg, out=tmp_path / "part", resume=True, progress=False)
+    a = torch.load(full / "last.pt", weights_only=False)
+    b = torch.load(part / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    rows = list(csv.DictReader(open(part / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_existing_run_needs_resume(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, steps=2)
+    train(cfg, out=tmp_path / "r", progress=False)
+    with pytest.raises(FileExistsError):
+        train(cfg, out=tmp_path / "r", progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_path, monkeypatch):
+    cfg = tiny_config(image_folder, steps=8)
+    cfg = replace(cfg, train=replace(cfg.train, checkpoint_minutes=0.0))  # checkpoint after every step
+    calls = {"n": 0}
+    real = torch.nn.functional.mse_loss
+
+    def poisoned(a, b):
+        calls["n"] += 1
+        return real(a, b) * (float("nan") if calls["n"] == 5 else 1.0)
+
+    monkeypatch.setattr("nerd.train.F.mse_loss", poisoned)
+    with pytest.raises(NonFiniteLoss):
+        train(cfg, out=tmp_path / "nan", progress=False)
+    ckpt = torch.load(tmp_path / "nan" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_sampler_is_reproducible_and_augments(image_folder):
+    from nerd.data.patches import load_folder
+
+    images, _, _ = load_folder(image_folder, 1)
+    a = PatchSampler(images, 16, (15.0, 50.0), torch.Generator().manual_seed(3)).sample(5)
+    b = PatchSampler(images, 16, (15.0, 50.0), torch.Generator().manual_seed(3)).sample(5)
+    for t, u in zip(a, b, strict=True):
+        torch.testing.assert_close(t, u, rtol=0, atol=0)
+    x, y, sigma = a
+    assert x.shape == y.shape == (5, 1, 16, 16)
+    assert set((sigma * 255).round().tolist()) <= {15.0, 50.0}
+    assert 0 <= x.min() and x.max() <= 1
+
+
+def test_dihedral_group_has_eight_distinct_invertible_elements():
+    x = torch.arange(12.0).reshape(1, 3, 4)
+    outs = [dihedral(x, k) for k in range(8)]
+    assert len({tuple(o.flatten().tolist()) + tuple(o.shape) for o in outs}) == 8
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = Config(train=TrainConfig(lr=1e-3, lr_min=0.0, warmup=10))
+    assert lr_at(0, 110, cfg) == pytest.approx(1e-4)
+    assert lr_at(10, 110, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, 110, cfg) == pytest.approx(5e-4)
+    assert lr_at(110, 110, cfg) == pytest.approx(0.0)
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.toml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nbatchsize = 4\n")
+    with pytest.raises(ValueError, match="batchsize"):
+        load_config(path)
