@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,9 @@ def weights(tmp_path_factory) -> Path:
 def noisy(tmp_path) -> Path:
     """An 8-bit 37x31 noisy PNG in tmp_path/in."""
     rng = np.random.RandomState(0)
-    img = np.clip(128 + 40 * np.sin(np.arange(W) / 4)[None, :] + 25 * rng.randn(H, W), 0, 255).astype(np.uint8)
+    img = np.clip(128 + 40 * np.sin(np.arange(W) / 4)[None, :] + 25 * rng.randn(H, W), 0, 255).astype(
+        np.uint8
+    )
     (tmp_path / "in").mkdir()
     Image.fromarray(img).save(tmp_path / "in" / "a.png")
     return tmp_path / "in" / "a.png"
@@ -47,8 +50,19 @@ def files(folder: Path) -> list[str]:
 
 
 def test_8bit_png_round_trip(capsys, tmp_path, noisy, weights):
-    rc, out, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--weights", weights, "--sigma", 25,
-                       "--device", "cpu")
+    rc, out, err = cli(
+        capsys,
+        "denoise",
+        noisy,
+        "-o",
+        tmp_path / "o.png",
+        "--weights",
+        weights,
+        "--sigma",
+        25,
+        "--device",
+        "cpu",
+    )
     assert rc == 0, err
     with Image.open(tmp_path / "o.png") as im:
         assert im.mode == "L" and im.size == (W, H)
@@ -61,7 +75,17 @@ def test_16bit_round_trip(capsys, tmp_path, weights, suffix):
     rng = np.random.RandomState(1)
     img = np.clip(30000 + 6425 * rng.randn(H, W), 0, 65535).astype(np.uint16)
     Image.fromarray(img).save(tmp_path / f"a{suffix}")
-    rc, _, err = cli(capsys, "denoise", tmp_path / f"a{suffix}", "-o", tmp_path / f"o{suffix}", "--weights", weights)
+    rc, _, err = cli(
+        capsys,
+        "denoise",
+        tmp_path / f"a{suffix}",
+        "-o",
+        tmp_path / f"o{suffix}",
+        "--weights",
+        weights,
+        "--iters",
+        3,
+    )
     assert rc == 0, err
     with Image.open(tmp_path / f"o{suffix}") as im:
         assert im.mode.startswith("I;16") and im.size == (W, H)
@@ -71,14 +95,27 @@ def test_16bit_round_trip(capsys, tmp_path, weights, suffix):
 def test_folder_and_several_files(capsys, tmp_path, noisy, weights):
     Image.fromarray(np.full((20, 23), 90, np.uint8)).save(tmp_path / "in" / "b.tif")
     Image.fromarray(np.full((20, 23), 9000, np.uint16)).save(tmp_path / "in" / "c.png")
-    rc, out, err = cli(capsys, "denoise", tmp_path / "in", "-o", tmp_path / "out", "--weights", weights, "--iters", 2)
+    rc, out, err = cli(
+        capsys, "denoise", tmp_path / "in", "-o", tmp_path / "out", "--weights", weights, "--iters", 2
+    )
     assert rc == 0, err
     assert files(tmp_path / "out") == ["a.png", "b.tif", "c.png"]
     assert out.count("iterations") == 3
     with Image.open(tmp_path / "out" / "c.png") as im:
         assert im.mode.startswith("I;16") and im.size == (23, 20)
-    rc, _, err = cli(capsys, "denoise", noisy, tmp_path / "in" / "b.tif", "-o", tmp_path / "two",
-                     "--weights", weights, "--iters", 2, "--quiet")
+    rc, _, err = cli(
+        capsys,
+        "denoise",
+        noisy,
+        tmp_path / "in" / "b.tif",
+        "-o",
+        tmp_path / "two",
+        "--weights",
+        weights,
+        "--iters",
+        2,
+        "--quiet",
+    )
     assert rc == 0, err
     assert files(tmp_path / "two") == ["a.png", "b.tif"]
 
@@ -88,7 +125,18 @@ def test_colour_needs_gray(capsys, tmp_path, weights):
     Image.fromarray(rgb).save(tmp_path / "c.png")
     rc, _, err = cli(capsys, "denoise", tmp_path / "c.png", "-o", tmp_path / "o.png", "--weights", weights)
     assert rc == 2 and "--gray" in err and not (tmp_path / "o.png").exists()
-    rc, _, err = cli(capsys, "denoise", tmp_path / "c.png", "-o", tmp_path / "o.png", "--weights", weights, "--gray")
+    rc, _, err = cli(
+        capsys,
+        "denoise",
+        tmp_path / "c.png",
+        "-o",
+        tmp_path / "o.png",
+        "--weights",
+        weights,
+        "--gray",
+        "--iters",
+        3,
+    )
     assert rc == 0, err
     with Image.open(tmp_path / "o.png") as im:
         assert im.mode == "L" and im.size == (W, H)
@@ -96,8 +144,19 @@ def test_colour_needs_gray(capsys, tmp_path, weights):
 
 def test_iters_changes_reported_iterations(capsys, tmp_path, noisy, weights):
     for n in (2, 4):
-        rc, out, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--weights", weights,
-                           "--iters", n, "--tol", "1e-12")
+        rc, out, err = cli(
+            capsys,
+            "denoise",
+            noisy,
+            "-o",
+            tmp_path / "o.png",
+            "--weights",
+            weights,
+            "--iters",
+            n,
+            "--tol",
+            "1e-12",
+        )
         assert rc == 0, err
         assert f"{n} iterations" in out and "NOT converged" in out
 
@@ -146,13 +205,22 @@ def _bad_inputs(tmp: Path, noisy: Path, weights: Path) -> dict[str, tuple[list[o
         "sigma text": ([noisy, "-o", out / "o.png", *w, "--sigma", "lots"], "--sigma"),
         "no sigma no weights": ([noisy, "-o", out / "o.png"], "--sigma"),
         "unknown weights": ([noisy, "-o", out / "o.png", "--weights", "nerd-s999"], "unknown weights"),
-        "missing weights file": ([noisy, "-o", out / "o.png", "--weights", tmp / "no.safetensors"], "not found"),
-        "corrupt weights": ([noisy, "-o", out / "o.png", "--weights", bad / "flipped.safetensors"], "checksum"),
+        "missing weights file": (
+            [noisy, "-o", out / "o.png", "--weights", tmp / "no.safetensors"],
+            "not found",
+        ),
+        "corrupt weights": (
+            [noisy, "-o", out / "o.png", "--weights", bad / "flipped.safetensors"],
+            "checksum",
+        ),
         "corrupt header": ([noisy, "-o", out / "o.png", "--weights", bad / "header.safetensors"], "weights"),
         "output folder missing": ([noisy, "-o", tmp / "nope" / "o.png", *w], "does not exist"),
         "output parent is a file": ([noisy, "-o", bad / "afile" / "o.png", *w], "not a folder"),
         "batch output is a file": ([noisy, bad / "deep.png", "-o", bad / "afile", *w], "output folder"),
-        "batch folder parent missing": ([noisy, bad / "deep.png", "-o", tmp / "a" / "b", *w], "does not exist"),
+        "batch folder parent missing": (
+            [noisy, bad / "deep.png", "-o", tmp / "a" / "b", *w],
+            "does not exist",
+        ),
         "16-bit to jpeg": ([bad / "deep.png", "-o", out / "o.jpg", *w], "16-bit"),
         "unknown output suffix": ([noisy, "-o", out / "o.xyz", *w], "unsupported output suffix"),
         "overwrite input": ([noisy, "-o", noisy, *w], "overwrite"),
@@ -167,11 +235,35 @@ def _bad_inputs(tmp: Path, noisy: Path, weights: Path) -> dict[str, tuple[list[o
 
 
 CASES = [
-    "missing", "not an image", "empty", "truncated", "nan pixels", "inf pixels", "sigma 0", "sigma negative",
-    "sigma absurd", "sigma nan", "sigma text", "no sigma no weights", "unknown weights", "missing weights file",
-    "corrupt weights", "corrupt header", "output folder missing", "output parent is a file",
-    "batch output is a file", "batch folder parent missing", "16-bit to jpeg", "unknown output suffix",
-    "overwrite input", "no output", "no input", "iters 0", "iters text", "tol negative", "bad device",
+    "missing",
+    "not an image",
+    "empty",
+    "truncated",
+    "nan pixels",
+    "inf pixels",
+    "sigma 0",
+    "sigma negative",
+    "sigma absurd",
+    "sigma nan",
+    "sigma text",
+    "no sigma no weights",
+    "unknown weights",
+    "missing weights file",
+    "corrupt weights",
+    "corrupt header",
+    "output folder missing",
+    "output parent is a file",
+    "batch output is a file",
+    "batch folder parent missing",
+    "16-bit to jpeg",
+    "unknown output suffix",
+    "overwrite input",
+    "no output",
+    "no input",
+    "iters 0",
+    "iters text",
+    "tol negative",
+    "bad device",
     "batch with one bad image",
 ]
 
@@ -194,18 +286,21 @@ def test_non_finite_output_is_an_error(capsys, tmp_path, noisy):
         model.decode.body[-1].bias.fill_(float("nan"))
     save_weights(model, tmp_path / "nan.safetensors", sigma255=25)
     (tmp_path / "out").mkdir()
-    rc, _, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "out" / "o.png",
-                     "--weights", tmp_path / "nan.safetensors")
+    nan_weights = tmp_path / "nan.safetensors"
+    rc, _, err = cli(
+        capsys, "denoise", noisy, "-o", tmp_path / "out" / "o.png", "--weights", nan_weights, "--iters", 2
+    )
     assert rc == 2 and "NaN" in err and err.count("\n") == 1
     assert files(tmp_path / "out") == []
     with pytest.raises(DenoiseError):
-        denoise_image(model, np.full((H, W), 0.5, np.float32), 25, device="cpu")
+        denoise_image(model, np.full((H, W), 0.5, np.float32), 25, solver=replace(model.solver, max_iter=2))
 
 
 def test_denoise_image_library(weights):
     model, info = nerd.weights.load_weights(weights)
     y = np.random.RandomState(3).rand(H, W).astype(np.float32)
-    x, summary = denoise_image(model, y, 25, device="cpu")
+    x, summary = denoise_image(model, y, 25, solver=replace(model.solver, max_iter=3), device="cpu")
+    assert summary["nfe"] == 3
     assert x.dtype == np.float32 and x.shape == (H, W) and 0 <= x.min() and x.max() <= 1
     assert {"nfe", "rel_residual", "converged", "seconds", "height", "width"} <= set(summary)
     assert summary["height"] == H and summary["width"] == W
@@ -235,8 +330,19 @@ def test_sigma_auto_picks_nearest_shipped(capsys, tmp_path, noisy, monkeypatch):
 
 
 def test_sample(capsys, tmp_path, weights):
-    rc, out, err = cli(capsys, "denoise", "--sample", "-o", tmp_path / "s.png", "--sigma", 25,
-                       "--weights", weights, "--iters", 1)
+    rc, out, err = cli(
+        capsys,
+        "denoise",
+        "--sample",
+        "-o",
+        tmp_path / "s.png",
+        "--sigma",
+        25,
+        "--weights",
+        weights,
+        "--iters",
+        1,
+    )
     assert rc == 0, err
     assert "PSNR" in out and "sample_clean.png" in out
     with Image.open(tmp_path / "s.png") as im:

@@ -174,6 +174,8 @@ def test_cli_eval_noisy_and_nerd(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (["--sigma", "-5"], "--sigma must be > 0"),
         (["--limit", "0"], "--limit"),
         (["--weights", "x.safetensors"], "only apply to --method nerd"),
+        (["--sets", "Small"], "smaller than SSIM's 11x11 window"),
+        (["--sets", "Colour"], "Colour"),
     ],
 )
 def test_cli_eval_user_errors_exit_2(
@@ -181,6 +183,11 @@ def test_cli_eval_user_errors_exit_2(
 ) -> None:
     _write_set(tmp_path / "Tiny", n=1)
     (tmp_path / "Empty").mkdir()
+    _write_set(tmp_path / "Small", n=1, size=(9, 30))
+    (tmp_path / "Colour").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+        tmp_path / "Colour" / "rgb.png"
+    )
     argv = ["eval", "--method", "noisy", "--data", str(tmp_path), "--out", str(tmp_path / "out")]
     argv += ["--sets", "Tiny"]
     assert main(argv + extra) == 2

@@ -95,8 +95,12 @@ def test_bad_files(tmp_path):
     Image.fromarray(ramp(np.uint8, 255)).save(tmp_path / "whole.png")
     data = (tmp_path / "whole.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    cases = {"missing.png": "no such file", "empty.png": "empty file", "text.png": "not an image",
-             "cut.png": "truncated or corrupt"}
+    cases = {
+        "missing.png": "no such file",
+        "empty.png": "empty file",
+        "text.png": "not an image",
+        "cut.png": "truncated or corrupt",
+    }
     for name, message in cases.items():
         with pytest.raises(ImageError, match=message) as info:
             read_image(tmp_path / name)

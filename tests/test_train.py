@@ -120,3 +120,22 @@ def test_unknown_config_key_is_refused(tmp_path):
     path.write_text("[train]\nbatchsize = 4\n")
     with pytest.raises(ValueError, match="batchsize"):
         load_config(path)
+
+
+def test_sigterm_checkpoints_and_stops(image_folder, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    cfg = tiny_config(image_folder, steps=50)
+    calls = {"n": 0}
+    real = torch.nn.functional.mse_loss
+
+    def loss_then_signal(a, b):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(a, b)
+
+    monkeypatch.setattr("nerd.train.F.mse_loss", loss_then_signal)
+    run = train(cfg, out=tmp_path / "sig", progress=False)
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == 3

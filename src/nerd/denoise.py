@@ -54,6 +54,24 @@ def psnr(x: np.ndarray, ref: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
+# Bytes allowed for the solver's history (Broyden's u/v pairs, Anderson's past iterates) on large images.
+STATE_BUDGET = 4 * 2**30
+
+
+def fit_memory(solver: Any, numel: int, budget: int = STATE_BUDGET) -> Any:
+    """`solver` with its history shortened so that 2 * memory * numel float32 values fit in `budget` bytes.
+
+    Broyden and Anderson keep `memory` pairs of state-sized vectors; on a 2000 x 2000 image with 64 channels one
+    state is 1 GB, so the history, not the attention, is what bounds the image size. Fixed-point keeps none.
+    """
+    from dataclasses import replace
+
+    if solver.name == "fixed_point":
+        return solver
+    m = max(1, min(solver.memory, budget // (2 * 4 * max(1, numel))))
+    return replace(solver, memory=m) if m < solver.memory else solver
+
+
 def denoise_image(
     model: Any,
     y: np.ndarray,
@@ -68,7 +86,7 @@ def denoise_image(
         model: a `nerd.models.DEQDenoiser` (moved to `device`; run in eval mode, its mode restored after).
         y: float (H, W) noisy image on [0, 1] (finite).
         sigma255: noise std on the 0-255 scale (also for 16-bit images), 0 < sigma255 <= 255.
-        solver: a `SolverConfig` overriding the model's solver (e.g. `dataclasses.replace(model.solver, ...)`).
+        solver: a `SolverConfig` overriding the model's solver (`dataclasses.replace(model.solver, ...)`).
         device: "cpu", "cuda", ...; default: CUDA when available.
 
     Returns:
@@ -87,7 +105,7 @@ def denoise_image(
     if not np.isfinite(y).all():
         raise ValueError("image has NaN or infinite pixels")
     sigma = check_sigma(sigma255)
-    solver = solver or model.solver
+    solver = fit_memory(solver or model.solver, model.cfg.channels * y.size)
     dev = torch.device(device or default_device())
     was_training = model.training
     model.to(dev).eval()
@@ -112,6 +130,7 @@ def denoise_image(
         "abs_residual": float(stats.abs_residual[0]),
         "converged": bool(stats.converged[0]),
         "tol": float(solver.tol),
+        "memory": int(solver.memory),
         "seconds": seconds,
         "device": str(dev),
     }

@@ -30,6 +30,11 @@ from nerd.models.nerd import DEQDenoiser
 
 Method = Denoiser | Callable[[Tensor, float], Tensor]
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SSIM_MIN_SIDE = 11  # Wang's Gaussian window: sigma 1.5 truncated at 3.5 sigma
+
+
+class EvalError(ValueError):
+    """A problem with the evaluation's inputs: a missing or empty set folder, an image too small to score."""
 
 
 class Noisy(Denoiser):
@@ -152,8 +157,7 @@ def resolve_sets(data_root: str | os.PathLike[str], names: Sequence[str]) -> dic
     """Image lists (sorted by name) of the set folders `names` under `data_root` (Set12, BSD68, ...).
 
     Raises:
-        FileNotFoundError: a set folder is missing.
-        ValueError: a set folder holds no images.
+        EvalError: a set folder is missing or holds no images.
     """
     root = Path(data_root)
     sets: dict[str, list[Path]] = {}
@@ -161,11 +165,11 @@ def resolve_sets(data_root: str | os.PathLike[str], names: Sequence[str]) -> dic
         folder = root / name
         if not folder.is_dir():
             have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-            known = f" (have: {', '.join(have)})" if have else ""
-            raise FileNotFoundError(f"set {name!r} not found: no folder {folder}{known}")
+            known = f" (have: {', '.join(have[:10])}{', ...' if len(have) > 10 else ''})" if have else ""
+            raise EvalError(f"set {name!r} not found: no folder {folder}{known}")
         images = list_images(folder)
         if not images:
-            raise ValueError(f"set {name!r} has no images in {folder}")
+            raise EvalError(f"set {name!r} has no images in {folder}")
         sets[name] = images
     return sets
 
@@ -207,14 +211,19 @@ def evaluate(
         method_name: name in the report; default the method's class name, lower-cased.
         limit: evaluate only the first `limit` images (recorded in the report).
         meta: extra entries for the report's `meta`.
+
+    Raises:
+        EvalError: sigma255 <= 0, no images, or an image smaller than SSIM's 11 x 11 window.
     """
     from tqdm import tqdm
 
     if not sigma255 > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma255}")
+        raise EvalError(f"sigma must be > 0, got {sigma255}")
     paths = sorted((Path(p) for p in images), key=lambda p: p.name)
     if limit is not None:
         paths = paths[:limit]
+    if not paths:
+        raise EvalError(f"no images to evaluate in set {set_name!r}")
     name = method_name or type(method).__name__.lower()
     sigma = float(sigma255) / 255.0
     device = _device_of(method)
@@ -226,6 +235,8 @@ def evaluate(
                disable=not progress or not sys.stderr.isatty(), leave=False)
     for path in bar:
         x = load_gray(path).astype(np.float64)  # (H, W) in [0, 1]
+        if min(x.shape) < SSIM_MIN_SIDE:
+            raise EvalError(f"{path}: {x.shape[0]}x{x.shape[1]} is smaller than SSIM's 11x11 window")
         y = torch.from_numpy(protocol_noisy(x, sigma255)).float()[None, None].to(device)  # (1, 1, H, W)
         nfe = residual = converged = None
         with torch.no_grad():

@@ -1,9 +1,9 @@
 """Image files in and out: grayscale 8/16-bit PNG/TIFF, JPEG, BMP, as float arrays on the [0, 1] scale.
 
 Scales: 8-bit pixels are divided by 255, 16-bit pixels by 65535; 32-bit float images (TIFF mode "F") must
-already lie in [0, 1]. `read_image` reports the bit depth (8, 16 or 32 for float) so `write_image` can write the
-result back at the same depth. Every problem with a file raises `ImageError` with a one-line message that starts
-with the file's path. Writes are atomic: a temporary file in the target folder, then `os.replace`.
+already lie in [0, 1]. `read_image` reports the bit depth (8, 16 or 32 for float) so `write_image` can write
+the result back at the same depth. Every problem with a file raises `ImageError` with a one-line message that
+starts with the file's path. Writes are atomic: a temporary file in the target folder, then `os.replace`.
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ def _decode(im, path: Path, gray: bool) -> tuple[np.ndarray, int]:  # noqa: ANN0
         if not np.isfinite(arr).all():
             raise ImageError(f"{path}: image has NaN or infinite pixels")
         if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
-            raise ImageError(f"{path}: float pixels outside [0, 1]; rescale to [0, 1] or convert to 8/16 bits")
+            raise ImageError(
+                f"{path}: float pixels outside [0, 1]; rescale to [0, 1] or convert to 8/16 bits"
+            )
         return arr.copy(), 32
     if mode in ("L", "1", "LA", "La"):
         return (np.asarray(im.getchannel(0).convert("L"), dtype=np.float32) / 255.0), 8
@@ -106,7 +108,9 @@ def _decode(im, path: Path, gray: bool) -> tuple[np.ndarray, int]:  # noqa: ANN0
         if channel is not None:
             return channel.astype(np.float32) / 255.0, 8
     if not gray:
-        raise ImageError(f"{path}: colour image (mode {mode}); NERD denoises grayscale: add --gray to use its luminance")
+        raise ImageError(
+            f"{path}: colour image (mode {mode}); NERD denoises grayscale: add --gray to use its luminance"
+        )
     try:
         lum = im.convert("RGB").convert("L")
     except Exception as err:
@@ -115,11 +119,13 @@ def _decode(im, path: Path, gray: bool) -> tuple[np.ndarray, int]:  # noqa: ANN0
 
 
 def output_format(path: str | os.PathLike[str], depth: int) -> str:
-    """The PIL format for writing `path` at `depth` bits; ImageError when the suffix or depth cannot be written."""
+    """The PIL format for writing `path` at `depth` bits; ImageError if suffix or depth can't be written."""
     suffix = Path(path).suffix.lower()
     fmt = FORMATS.get(suffix)
     if fmt is None:
-        raise ImageError(f"{path}: unsupported output suffix {suffix or '(none)'!r}; use {', '.join(FORMATS)}")
+        raise ImageError(
+            f"{path}: unsupported output suffix {suffix or '(none)'!r}; use {', '.join(FORMATS)}"
+        )
     if depth not in DEPTHS[fmt]:
         kind = "float" if depth == 32 else f"{depth}-bit"
         ok = ".tif" if depth == 32 else ".png or .tif"
@@ -134,7 +140,7 @@ def _umask() -> int:
 
 
 def to_pixels(x: np.ndarray, depth: int) -> np.ndarray:
-    """x: float (H, W) in [0, 1] -> uint8 (depth 8), uint16 (16) or float32 (32) pixels, rounded and clipped."""
+    """x: float (H, W) in [0, 1] -> uint8 (depth 8), uint16 (16) or float32 (32) pixels, rounded, clipped."""
     x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
     if depth == 8:
         return np.rint(x * 255.0).astype(np.uint8)
@@ -146,7 +152,7 @@ def to_pixels(x: np.ndarray, depth: int) -> np.ndarray:
 
 
 def write_image(path: str | os.PathLike[str], x: np.ndarray, depth: int = 8) -> None:
-    """Write x: float (H, W) in [0, 1] as a grayscale image of `depth` bits, format from the suffix, atomically.
+    """Write x: float (H, W) in [0, 1] as a grayscale image of `depth` bits, format from the suffix, atomic.
 
     Nothing is left at `path` (or beside it) if writing fails.
     """

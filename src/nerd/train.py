@@ -18,6 +18,9 @@ import csv
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,8 +34,8 @@ from nerd.data.patches import PatchSampler, load_folder, validation_pairs
 from nerd.models import DEQDenoiser
 from nerd.weights import save_weights
 
-LOG_FIELDS = ["step", "lr", "loss", "train_psnr", "nfe", "rel_residual", "sec_per_step", "elapsed_s"]
-VAL_FIELDS = ["step", "elapsed_s", "sigma", "val_psnr", "nfe", "rel_residual", "converged"]
+LOG_FIELDS = ["step", "lr", "loss", "train_psnr", "nfe", "rel_residual", "sec_per_step", "elapsed_s", "cpu_s"]
+VAL_FIELDS = ["step", "elapsed_s", "cpu_s", "sigma", "val_psnr", "nfe", "rel_residual", "converged"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -123,13 +126,13 @@ def plot_curve(run: Path) -> Path | None:
             rows = list(csv.DictReader(fh))
         if not rows:
             continue
-        hours = [float(r["elapsed_s"]) / 3600 for r in rows]
+        hours = [float(r.get("cpu_s") or r["elapsed_s"]) / 3600 for r in rows]
         vals = [float(r[key]) for r in rows]
         if key == "train_psnr" and len(vals) > 10:  # moving average: single batches are noisy
             k = max(1, len(vals) // 30)
             vals = [sum(vals[max(0, i - k) : i + 1]) / len(vals[max(0, i - k) : i + 1]) for i in range(len(vals))]
         ax.plot(hours, vals, marker="o" if key == "val_psnr" else None, ms=3)
-        ax.set_xlabel("training hours (this machine)")
+        ax.set_xlabel("training CPU-hours (process CPU time)")
         ax.set_ylabel(f"{key.replace('_', ' ')} (dB)")
         ax.grid(alpha=0.3)
     axes[0].set_title("training batches (moving average)")
@@ -167,6 +170,7 @@ def train(
     device: str | None = None,
     stop_after: int | None = None,
     max_minutes: float | None = None,
+    max_cpu_minutes: float | None = None,
     progress: bool = True,
 ) -> Path:
     """Train (or resume) the run in folder `out`; returns the folder.
@@ -174,6 +178,9 @@ def train(
     Args:
         stop_after: stop (with a checkpoint) once this step is reached, as if the run had been killed there.
         max_minutes: stop (with a checkpoint) after this much wall-clock time in this invocation.
+        max_cpu_minutes: stop (with a checkpoint) once the run's total process CPU time (all invocations) reaches
+            this; CPU time, unlike wall-clock time, hardly depends on what else the machine is running, so runs
+            compared at equal CPU budgets are comparable.
     """
     rank, world, dist_device = _setup_distributed()
     run = Path(out)
@@ -220,13 +227,13 @@ def train(
         lr=t.lr,
         betas=t.betas,
     )
-    step, elapsed, best = 0, 0.0, -math.inf
+    step, elapsed, cpu, best = 0, 0.0, 0.0, -math.inf
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["rng"]["data"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        step, elapsed, best = ckpt["step"], ckpt["elapsed_s"], ckpt["best_val"]
+        step, elapsed, cpu, best = ckpt["step"], ckpt["elapsed_s"], ckpt.get("cpu_s", 0.0), ckpt["best_val"]
         if rank == 0:
             _truncate_csv(run / "log.csv", step)
             _truncate_csv(run / "val.csv", step)
@@ -251,6 +258,7 @@ def train(
                 "rng": {"data": generator.get_state(), "torch": torch.get_rng_state()},
                 "step": step,
                 "elapsed_s": elapsed,
+                "cpu_s": cpu,
                 "best_val": best,
             },
             ckpt_path,
@@ -265,7 +273,8 @@ def train(
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 stats = validate(model, pairs, s, dev)
             rows.append(stats)
-            _append_csv(run / "val.csv", VAL_FIELDS, {"step": step, "elapsed_s": round(elapsed, 1), "sigma": s,
+            _append_csv(run / "val.csv", VAL_FIELDS, {"step": step, "elapsed_s": round(elapsed, 1),
+                                                     "cpu_s": round(cpu, 1), "sigma": s,
                                                      **{k: round(v, 5) for k, v in stats.items()}})
         mean = sum(r["val_psnr"] for r in rows) / len(rows)
         if mean > best:
@@ -273,8 +282,19 @@ def train(
             save_weights(model, run / "best.safetensors", sigma255=t.sigma[0],
                          scores={"val_psnr": round(mean, 4), "val_images": t.val_images},
                          train={"run": run.name, "step": step, "hours": round(elapsed / 3600, 3),
+                       "cpu_hours": round(cpu / 3600, 3),
                                 "crops": step * t.batch, "config": config_to_dict(cfg)})
         plot_curve(run)
+
+    # SIGTERM / SIGINT finish the current step, write the checkpoint and return: nothing is lost.
+    stop = {"signal": None}
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stop["signal"] = signum
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     bar = None
     if progress and rank == 0:
@@ -282,7 +302,7 @@ def train(
 
         bar = tqdm(total=total, initial=step, desc=run.name, unit="step", dynamic_ncols=True)
     started, last_ckpt = time.monotonic(), time.monotonic()
-    t_step = time.monotonic()
+    t_step, c_step = time.monotonic(), time.process_time()
     try:
         while step < total:
             x, y, sigma = sampler.sample(t.batch)
@@ -306,6 +326,8 @@ def train(
             now = time.monotonic()
             elapsed += now - t_step
             sec, t_step = now - t_step, now
+            cpu += time.process_time() - c_step
+            c_step = time.process_time()
             if bar is not None:
                 bar.update(1)
             if rank == 0 and (step % t.log_every == 0 or step == total):
@@ -314,18 +336,21 @@ def train(
                        "train_psnr": round(10 * math.log10(1 / max(loss.item(), 1e-20)), 3),
                        "nfe": round(stats.nfe.float().mean().item(), 2) if stats else "",
                        "rel_residual": f"{stats.rel_residual.mean().item():.3e}" if stats else "",
-                       "sec_per_step": round(sec, 3), "elapsed_s": round(elapsed, 1)}
+                       "sec_per_step": round(sec, 3), "elapsed_s": round(elapsed, 1), "cpu_s": round(cpu, 1)}
                 _append_csv(run / "log.csv", LOG_FIELDS, row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss.item():.2e}", nfe=row["nfe"], res=row["rel_residual"])
             if t.val_every and step % t.val_every == 0 and step < total:
                 run_validation()
-                t_step = time.monotonic()  # validation time is not training time
+                t_step, c_step = time.monotonic(), time.process_time()  # validation is not training time
             if time.monotonic() - last_ckpt > 60 * t.checkpoint_minutes:
                 checkpoint()
                 last_ckpt = time.monotonic()
-            if (stop_after is not None and step >= stop_after) or (
-                max_minutes is not None and time.monotonic() - started > 60 * max_minutes
+            if (
+                stop["signal"] is not None
+                or (stop_after is not None and step >= stop_after)
+                or (max_minutes is not None and time.monotonic() - started > 60 * max_minutes)
+                or (max_cpu_minutes is not None and cpu > 60 * max_cpu_minutes)
             ):
                 break
         if step >= total:
@@ -334,6 +359,10 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop["signal"] is not None and rank == 0:
+        print(f"stopped by signal {stop['signal']} at step {step}; resume with --resume", file=sys.stderr)
     return run
 
 

@@ -1,8 +1,9 @@
 """Regenerate sample_clean.png and sample_noisy.png (run: python src/nerd/assets/make_sample.py).
 
-Source: scikit-image's bundled `skimage.data.coins()` (Greek coins from Pompeii, Brooklyn Museum Collection, no
-known copyright restrictions), which is in none of the test sets Set12, BSD68 or Urban100. A 256 x 256 crop;
-noisy = clip(clean + 25 * N(0, 1)) with np.random.RandomState(1), on the 0-255 scale, rounded to 8 bits.
+Source: scikit-image's bundled `skimage.data.coins()` (Greek coins from Pompeii, Brooklyn Museum Collection,
+no known copyright restrictions), which is in none of the test sets Set12, BSD68 or Urban100. Its centred
+256 x 256 crop; noisy = clip(clean + 25 * N(0, 1)) with np.random.RandomState(1), on the 0-255 scale,
+rounded to 8 bits.
 """
 
 from __future__ import annotations
@@ -32,4 +33,6 @@ def make(folder: Path = HERE) -> tuple[np.ndarray, np.ndarray]:
 if __name__ == "__main__":
     clean, noisy = make()
     mse = np.mean((clean.astype(np.float64) - noisy) ** 2)
-    print(f"wrote {HERE}/sample_clean.png and sample_noisy.png, noisy PSNR {10 * np.log10(255**2 / mse):.2f} dB")
+    print(
+        f"wrote {HERE}/sample_clean.png and sample_noisy.png, noisy PSNR {10 * np.log10(255**2 / mse):.2f} dB"
+    )

@@ -29,22 +29,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "denoise",
         help="denoise noisy grayscale images (file, files or folder) with NERD weights",
-        description="Denoise already-noisy grayscale images with the shipped NERD weights for their noise level.",
+        description="Denoise already-noisy grayscale images with the NERD weights for their noise level.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("noisy", nargs="*", metavar="NOISY", help="noisy image file(s), or a folder of images")
     p.add_argument("-o", "--output", metavar="OUT", help="output file, or folder for several images")
-    p.add_argument("--sigma", metavar="SIGMA|auto",
-                   help="noise std on the 0-255 scale (picks weights nerd-s<SIGMA>), or 'auto' to estimate it; "
-                        "default: the --weights' training sigma")
-    p.add_argument("--weights", metavar="NAME|PATH", help="shipped weights name (see `nerd info`) or a .safetensors")
-    p.add_argument("--gray", action="store_true", help="convert colour images to luminance instead of refusing")
+    p.add_argument(
+        "--sigma",
+        metavar="SIGMA|auto",
+        help="noise std on the 0-255 scale (picks weights nerd-s<SIGMA>), or 'auto' to estimate it; "
+        "default: the --weights' training sigma",
+    )
+    p.add_argument(
+        "--weights", metavar="NAME|PATH", help="shipped weights name (see `nerd info`) or a .safetensors"
+    )
+    p.add_argument(
+        "--gray", action="store_true", help="convert colour images to luminance instead of refusing"
+    )
     p.add_argument("--iters", metavar="N", help="solver iterations cap (overrides the weights' max_iter)")
-    p.add_argument("--tol", metavar="T", help="solver relative-residual tolerance (overrides the weights' tol)")
+    p.add_argument(
+        "--tol", metavar="T", help="solver relative-residual tolerance (overrides the weights' tol)"
+    )
     p.add_argument("--device", metavar="cpu|cuda", help="default: cuda when available, else cpu")
-    p.add_argument("--sample", action="store_true", help="denoise the shipped sample image (sigma 25) and print PSNR")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or report lines (errors still shown)")
+    p.add_argument(
+        "--sample", action="store_true", help="denoise the shipped sample image (sigma 25) and print PSNR"
+    )
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar or report lines (errors still shown)"
+    )
 
 
 @dataclass
@@ -139,7 +152,9 @@ def _plan(files: list[Path], batch: bool, out: str | None) -> tuple[list[Job], P
         if target.exists() and not target.is_dir():
             raise UserError(f"-o {target}: several images need an output folder, and this is a file")
         if not target.exists():
-            _writable_folder(target.parent if str(target.parent) else Path("."), "parent of the output folder")
+            _writable_folder(
+                target.parent if str(target.parent) else Path("."), "parent of the output folder"
+            )
             create = target
         else:
             _writable_folder(target, "output folder")
@@ -173,7 +188,9 @@ def _nearest_shipped(sigma: float) -> str:
         if best is None or abs(trained - sigma) < best[0]:
             best = (abs(trained - sigma), name)
     if best is None:
-        raise UserError("--sigma auto needs shipped weights to choose from, and none are installed; give --weights")
+        raise UserError(
+            "--sigma auto needs shipped weights to choose from, and none are installed; give --weights"
+        )
     return best[1]
 
 
@@ -197,7 +214,9 @@ def _weights_for_sigma(sigma: float) -> str:
     names = shipped()
     if name not in names:
         have = ", ".join(names) or "none"
-        raise UserError(f"no shipped weights for sigma {sigma:g} ({name}; shipped: {have}); give --weights NAME|PATH")
+        raise UserError(
+            f"no shipped weights for sigma {sigma:g} ({name}; shipped: {have}); give --weights NAME|PATH"
+        )
     return name
 
 
@@ -208,7 +227,15 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nerd.cli import UserError
-    from nerd.denoise import SAMPLE_CLEAN, DenoiseError, default_device, denoise_image, describe, estimate_sigma255
+    from nerd.denoise import (
+        SAMPLE_CLEAN,
+        SAMPLE_SIGMA,
+        DenoiseError,
+        default_device,
+        denoise_image,
+        describe,
+        estimate_sigma255,
+    )
     from nerd.denoise import psnr as psnr_db
     from nerd.io import ImageError, output_format, read_image, to_pixels, write_image
 
@@ -220,8 +247,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is available; use --device cpu")
+    files, batch = _inputs(args)  # the paths exist (images are decoded below, after the weights)
     if sigma is None and args.sample:
-        sigma = 25.0
+        sigma = SAMPLE_SIGMA
     if sigma is None and not args.weights:
         raise UserError("give --sigma (noise std on the 0-255 scale, or 'auto') or --weights")
     say = (lambda line: None) if args.quiet else tqdm.write
@@ -234,7 +262,6 @@ def run(args: argparse.Namespace) -> int:
     elif isinstance(sigma, float):
         _load(_weights_for_sigma(sigma), device, models)
 
-    files, batch = _inputs(args)
     jobs, create = _plan(files, batch, args.output)
     cached: dict[Path, Any] = {}
     for job in jobs:  # validate every image (fully decoded) and its output format before writing anything
@@ -255,7 +282,10 @@ def run(args: argparse.Namespace) -> int:
     for name in dict.fromkeys(job.weights for job in jobs):  # load (and check) every weights file needed
         _, info = _load(name, device, models)
         if isinstance(sigma, float) and abs(info["sigma"] - sigma) > 0.5 and not args.quiet:
-            print(f"note: {name} was trained for sigma {info['sigma']:g}; you gave --sigma {sigma:g}", file=sys.stderr)
+            print(
+                f"note: {name} was trained for sigma {info['sigma']:g}; you gave --sigma {sigma:g}",
+                file=sys.stderr,
+            )
     if create is not None:
         create.mkdir()
 
@@ -279,11 +309,15 @@ def run(args: argparse.Namespace) -> int:
         write_image(job.dst, x_hat, job.depth)
         say(f"{job.src.name}: {describe(summary)} -> {job.dst}")
         if not summary["converged"] and args.quiet:
-            print(f"warning: {job.src.name}: solver NOT converged (rel residual {summary['rel_residual']:.1e})",
-                  file=sys.stderr)
+            print(
+                f"warning: {job.src.name}: solver NOT converged (rel residual {summary['rel_residual']:.1e})",
+                file=sys.stderr,
+            )
         if args.sample:
             clean, _ = read_image(SAMPLE_CLEAN)
             out = to_pixels(x_hat, 8).astype("float32") / 255.0
-            print(f"PSNR {psnr_db(out, clean):.2f} dB against sample_clean.png "
-                  f"(noisy input {psnr_db(y, clean):.2f} dB)")
+            print(
+                f"PSNR {psnr_db(out, clean):.2f} dB against sample_clean.png "
+                f"(noisy input {psnr_db(y, clean):.2f} dB)"
+            )
     return 0

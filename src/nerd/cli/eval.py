@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from nerd.cli import UserError
-    from nerd.evaluate import Noisy, default_data_root, evaluate, resolve_sets, summary_markdown
+    from nerd.evaluate import EvalError, Noisy, default_data_root, evaluate, resolve_sets, summary_markdown
+    from nerd.io import ImageError
 
     _check(args)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     data_root = Path(args.data) if args.data else default_data_root()
     try:
         sets = resolve_sets(data_root, args.sets)
-    except (FileNotFoundError, ValueError) as err:
+    except EvalError as err:
         raise UserError(str(err)) from None
     out = Path(args.out)
 
@@ -134,17 +135,21 @@ def run(args: argparse.Namespace) -> int:
                 "model": dataclasses.asdict(model.cfg)}
         return model, info["name"], meta, solver
 
+    loaded = {sigma255: load(sigma255) for sigma255 in args.sigma}  # fail fast, before any long run
     reports = []
     names: set[str] = set()
     head = f"{'set':<16} {'sigma':>5} {'images':>6} {'PSNR':>8} {'SSIM':>7} {'s/image':>8} {'nfe':>6}"
     print(head, flush=True)
     for sigma255 in args.sigma:
-        method, weights_name, meta, solver = load(sigma255)
+        method, weights_name, meta, solver = loaded[sigma255]
         names.add(weights_name or "")
         for set_name, images in sets.items():
-            report = evaluate(method, images, sigma255, set_name=set_name, progress=not args.no_progress,
-                              solver=solver, method_name=args.method, limit=args.limit,
-                              meta={**meta, "data": str(data_root)})
+            try:
+                report = evaluate(method, images, sigma255, set_name=set_name, progress=not args.no_progress,
+                                  solver=solver, method_name=args.method, limit=args.limit,
+                                  meta={**meta, "data": str(data_root)})
+            except (EvalError, ImageError) as err:
+                raise UserError(str(err)) from None
             reports.append(report)
             out.mkdir(parents=True, exist_ok=True)
             path = out / f"eval-{_tag(args, weights_name)}-{set_name}-s{sigma255:g}.json"

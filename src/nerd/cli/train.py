@@ -14,6 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="override the total optimiser steps")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this many minutes")
+    p.add_argument("--max-cpu-minutes", type=float,
+                   help="stop with a checkpoint once the run has used this much process CPU time in total")
     p.add_argument("--stop-after", type=int, help="stop with a checkpoint at this step (as if killed there)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
 
@@ -35,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     try:
         run_dir = train(cfg, out=out, resume=args.resume, device=args.device, stop_after=args.stop_after,
-                        max_minutes=args.max_minutes, progress=not args.no_progress)
+                        max_minutes=args.max_minutes, max_cpu_minutes=args.max_cpu_minutes,
+                        progress=not args.no_progress)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         raise UserError(str(err)) from None
     except NonFiniteLoss as err:

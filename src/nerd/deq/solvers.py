@@ -58,13 +58,23 @@ class SolverStats:
         )
 
 
+def _pick(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """torch.where(mask, a, b) with mask (B,) or (B, 1) broadcast, without a full pass when the mask is uniform
+    (the common case: every sample active). May return `a` or `b` itself; the solvers never modify states in place."""
+    if bool(mask.all()):
+        return a
+    if not bool(mask.any()):
+        return b
+    return torch.where(mask.reshape(mask.shape[0], *([1] * (a.dim() - 1))), a, b)
+
+
 class _Tracker:
     """Residual bookkeeping shared by the solvers: best iterate, activity, trace, f-evaluation counts."""
 
     def __init__(self, z: Tensor, max_iter: int, tol: float) -> None:
         b = z.shape[0]
         self.tol = tol
-        self.best_z = z.clone()
+        self.best_z = z
         self.best_abs = z.new_full((b,), float("inf"), dtype=torch.float32)
         self.best_rel = z.new_full((b,), float("inf"), dtype=torch.float32)
         self.active = torch.ones(b, dtype=torch.bool, device=z.device)
@@ -85,7 +95,7 @@ class _Tracker:
         self.trace[:, self.k] = torch.where(was_active, rel_res, torch.full_like(rel_res, float("nan")))
         self.k += 1
         better = was_active & finite & (rel_res < self.best_rel)
-        self.best_z = torch.where(better[:, None], z, self.best_z)
+        self.best_z = _pick(better, z, self.best_z)
         self.best_abs = torch.where(better, abs_res, self.best_abs)
         self.best_rel = torch.where(better, rel_res, self.best_rel)
         # A sample stops when it converged or produced non-finite values (then its best iterate is returned).
@@ -131,7 +141,7 @@ def fixed_point(
         track.observe(z, fz)
         if not track.active.any():
             break
-        z = torch.where(track.active[:, None], (1 - damping) * z + damping * fz, z)
+        z = _pick(track.active, (1 - damping) * z + damping * fz, z)
     return track.result(shape)
 
 
@@ -185,7 +195,7 @@ def anderson(
             "bh,bhn->bn", alpha, X[:, :h]
         )
         # Stopped samples stay at their last iterate (their result is the best one recorded anyway).
-        x = torch.where(track.active[:, None], x_new, x)
+        x = _pick(track.active, x_new, x)
     return track.result(shape)
 
 
@@ -205,7 +215,7 @@ def broyden(
     shape, f_flat = z0.shape, _flat(f, z0.shape)
     b = shape[0]
     z = z0.reshape(b, -1)
-    m = max(1, memory)
+    m = max(1, min(memory, max_iter - 1))  # no more updates than steps: keeps large images' state small
     U = z.new_zeros(b, z.shape[1], m)
     VT = z.new_zeros(b, m, z.shape[1])
 
@@ -224,23 +234,23 @@ def broyden(
         if not track.active.any():
             break
         active = track.active[:, None]
-        dz = torch.where(active, update, torch.zeros_like(update))
+        dz = _pick(active, update, torch.zeros_like(update))
         z = z + dz
         fz = f_flat(z)
         finite, _ = track.observe(z, fz)
-        gz_new = torch.where(finite[:, None], fz - z, gz)
+        gz_new = _pick(finite, fz - z, gz)
         dg = gz_new - gz
         vT = rmatvec(dz)
         denom = (vT * dg).sum(1, keepdim=True)
         ok = active & finite[:, None] & (denom.abs() > _EPS)
         u = (dz - matvec(dg)) / torch.where(ok, denom, torch.ones_like(denom))
         slot = (k - 1) % m
-        U[:, :, slot] = torch.where(ok, u, torch.zeros_like(u))
-        VT[:, slot] = torch.where(ok, vT, torch.zeros_like(vT))
+        U[:, :, slot] = _pick(ok, u, torch.zeros_like(u))
+        VT[:, slot] = _pick(ok, vT, torch.zeros_like(vT))
         gz = gz_new
         update = -matvec(gz)
         # A sample that produced non-finite values is put back on its best iterate and stops there.
-        z = torch.where(finite[:, None], z, track.best_z)
+        z = _pick(finite, z, track.best_z)
     return track.result(shape)
 
 
