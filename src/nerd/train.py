@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nerd import distributed
 from nerd.config import Config, config_from_dict, config_to_dict
 from nerd.data.patches import PatchSampler, load_folder, validation_pairs
+from nerd.evaluate import default_data_root
 from nerd.models import DEQDenoiser
 from nerd.weights import save_weights
 
@@ -40,10 +42,6 @@ VAL_FIELDS = ["step", "elapsed_s", "cpu_s", "sigma", "val_psnr", "nfe", "rel_res
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf: the run stops and the last good checkpoint is kept."""
-
-
-def default_data_root() -> Path:
-    return Path(os.environ.get("NERD_DATA", "../shared/data"))
 
 
 def lr_at(step: int, total: int, cfg: Config) -> float:
@@ -145,23 +143,6 @@ def plot_curve(run: Path) -> Path | None:
     return out
 
 
-def _setup_distributed() -> tuple[int, int, torch.device | None]:
-    """(rank, world size, device) under torchrun; (0, 1, None) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, None
-    import torch.distributed as dist
-
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    device = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
 def train(
     cfg: Config,
     *,
@@ -182,7 +163,7 @@ def train(
             this; CPU time, unlike wall-clock time, hardly depends on what else the machine is running, so runs
             compared at equal CPU budgets are comparable.
     """
-    rank, world, dist_device = _setup_distributed()
+    rank, world, dist_device = distributed.setup()
     run = Path(out)
     t = cfg.train
     dev = dist_device or torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -219,6 +200,8 @@ def train(
         init_model, _ = load_weights(t.init)
         model.load_state_dict(init_model.state_dict())
     model.to(dev).train()
+    if world > 1:  # before the optimiser is built: the CPU variant replaces the BatchNorm modules
+        distributed.sync_batchnorm(model, dev)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or "original0" in name else decay).append(p)

@@ -113,17 +113,21 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, r: int, t: int) -> Tensor:
         # (B, heads, c*t, wp, d) -> (B * c * nw, heads, t*t, d)
         qt = q[:, :, y0:y1].reshape(b, n, c, t, nw, t, d).permute(0, 2, 4, 1, 3, 5, 6).reshape(b * c * nw, n, t * t, d)
 
-        def halo(x: Tensor) -> Tensor:  # (B, heads, c*t+2r, wp+2r, d) -> (B * c * nw, heads, s*s, d)
-            x = x[:, :, y0 : y1 + 2 * r].unfold(2, s, t).unfold(3, s, t)  # (B, n, c, nw, d, s, s)
-            return x.permute(0, 2, 3, 1, 5, 6, 4).reshape(b * c * nw, n, s * s, d)
-
         vt = valid[y0 : y1 + 2 * r].unfold(0, s, t).unfold(1, s, t).reshape(c * nw, 1, s * s)
         qp = q_pad[y0:y1].reshape(c, t, nw, t).permute(0, 2, 1, 3).reshape(c * nw, t * t, 1)
         mask = rel[None] & (vt | qp)  # (c*nw, L, K)
         mask = mask[None].expand(b, -1, -1, -1).reshape(b * c * nw, 1, t * t, s * s)
-        ot = F.scaled_dot_product_attention(qt, halo(k), halo(v), attn_mask=mask)
+        ot = F.scaled_dot_product_attention(qt, _halo(k, y0, y1, r, t), _halo(v, y0, y1, r, t), attn_mask=mask)
         out[:, :, y0:y1] = ot.reshape(b, c, nw, n, t, t, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(b, n, c * t, wp, d)
     return out[:, :, :h, :w]
+
+
+def _halo(x: Tensor, y0: int, y1: int, r: int, t: int) -> Tensor:
+    """Key/value halos of the tile rows [y0, y1): (B, heads, Hp+2r, Wp+2r, d) -> (B * rows * nw, heads, s*s, d)."""
+    b, n, _, _, d = x.shape
+    s = t + 2 * r
+    x = x[:, :, y0 : y1 + 2 * r].unfold(2, s, t).unfold(3, s, t)  # (B, n, rows, nw, d, s, s)
+    return x.permute(0, 2, 3, 1, 5, 6, 4).reshape(-1, n, s * s, d)
 
 
 class NeighbourhoodMSA(nn.Module):
