@@ -139,3 +139,27 @@ def test_sigterm_checkpoints_and_stops(image_folder, tmp_path, monkeypatch):
     monkeypatch.setattr("nerd.train.F.mse_loss", loss_then_signal)
     run = train(cfg, out=tmp_path / "sig", progress=False)
     assert torch.load(run / "last.pt", weights_only=False)["step"] == 3
+
+
+def test_train_kill_resume_export_then_denoise_with_the_weights(image_folder, tmp_path, capsys):
+    """The pipeline end to end through the CLI: train, stop, resume, export, denoise with --weights."""
+    from nerd.cli import main
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(
+        "[model]\npreset = 'tiny'\n[solver]\nmax_iter = 4\n[grad]\nsteps = 2\n"
+        f"[train]\ndata = '{image_folder}'\ncrop = 16\nbatch = 2\nsteps = 4\nval_images = 2\nval_every = 2\n"
+    )
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--stop-after", "2", "--no-progress"]) == 0
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 2  # exists: needs --resume
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == 4
+    weights = tmp_path / "w.safetensors"
+    assert main(["export", str(run), "--out", str(weights)]) == 0
+    noisy = sorted(image_folder.iterdir())[0]
+    out = tmp_path / "den.png"
+    assert main(["denoise", str(noisy), "-o", str(out), "--weights", str(weights), "--quiet"]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == Image.open(noisy).size

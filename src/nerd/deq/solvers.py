@@ -234,7 +234,7 @@ def broyden(
         if not track.active.any():
             break
         active = track.active[:, None]
-        dz = _pick(active, update, torch.zeros_like(update))
+        dz = update if bool(active.all()) else torch.where(active, update, 0.0)
         z = z + dz
         fz = f_flat(z)
         finite, _ = track.observe(z, fz)
@@ -245,8 +245,10 @@ def broyden(
         ok = active & finite[:, None] & (denom.abs() > _EPS)
         u = (dz - matvec(dg)) / torch.where(ok, denom, torch.ones_like(denom))
         slot = (k - 1) % m
-        U[:, :, slot] = _pick(ok, u, torch.zeros_like(u))
-        VT[:, slot] = _pick(ok, vT, torch.zeros_like(vT))
+        if not bool(ok.all()):  # no update for stopped samples or a degenerate secant
+            u, vT = torch.where(ok, u, 0.0), torch.where(ok, vT, 0.0)
+        U[:, :, slot] = u
+        VT[:, slot] = vT
         gz = gz_new
         update = -matvec(gz)
         # A sample that produced non-finite values is put back on its best iterate and stops there.

@@ -20,7 +20,7 @@ def create_model(
     return DEQDenoiser(cfg, solver=solver, grad=grad)
 
 
-def count_parameters(model: "torch.nn.Module") -> int:  # noqa: F821
+def count_parameters(model: torch.nn.Module) -> int:  # noqa: F821
     return sum(p.numel() for p in model.parameters())
 
 

@@ -17,6 +17,7 @@ r = q // 2. When q >= 2 max(H, W) - 1 every window covers the whole image and at
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,6 +33,18 @@ def _window_mask(h: int, w: int, r: int, device: torch.device) -> Tensor:
     ys = torch.arange(h, device=device).repeat_interleave(w)
     xs = torch.arange(w, device=device).repeat(h)
     return ((ys[:, None] - ys[None, :]).abs() <= r) & ((xs[:, None] - xs[None, :]).abs() <= r)
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool mask -> additive float mask (0 where allowed, -inf elsewhere). SDPA converts a boolean mask to this
+    form on every call, which cost 2-3x the attention itself on the CPU for tiled masks."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+@functools.lru_cache(maxsize=8)
+def _window_bias(h: int, w: int, r: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Cached additive (HW, HW) window mask: a solve evaluates f many times on one image size."""
+    return _additive(_window_mask(h, w, r, device), dtype)
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
@@ -78,8 +91,8 @@ def neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block:
     t = _tile_side(h, w, r, block)
     if t >= max(h, w):  # one tile: all tokens, masked to the windows
         flat = [t_.reshape(b, n, h * w, d) for t_ in (q, k, v)]
-        mask = _window_mask(h, w, r, q.device)
-        return F.scaled_dot_product_attention(*flat, attn_mask=mask).reshape(b, n, h, w, d)
+        bias = _window_bias(h, w, r, q.device, q.dtype)
+        return F.scaled_dot_product_attention(*flat, attn_mask=bias).reshape(b, n, h, w, d)
     return _tiled(q, k, v, r, t)
 
 
@@ -115,8 +128,8 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, r: int, t: int) -> Tensor:
 
         vt = valid[y0 : y1 + 2 * r].unfold(0, s, t).unfold(1, s, t).reshape(c * nw, 1, s * s)
         qp = q_pad[y0:y1].reshape(c, t, nw, t).permute(0, 2, 1, 3).reshape(c * nw, t * t, 1)
-        mask = rel[None] & (vt | qp)  # (c*nw, L, K)
-        mask = mask[None].expand(b, -1, -1, -1).reshape(b * c * nw, 1, t * t, s * s)
+        mask = _additive(rel[None] & (vt | qp), q.dtype)  # (c*nw, L, K)
+        mask = mask[None].expand(b, -1, -1, -1).reshape(b * c * nw, 1, t * t, s * s)  # a copy only when b > 1
         ot = F.scaled_dot_product_attention(qt, _halo(k, y0, y1, r, t), _halo(v, y0, y1, r, t), attn_mask=mask)
         out[:, :, y0:y1] = ot.reshape(b, c, nw, n, t, t, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(b, n, c * t, wp, d)
     return out[:, :, :h, :w]

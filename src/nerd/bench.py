@@ -1,0 +1,833 @@
+"""`nerd bench`: NERD's speed, memory and solver figures next to DnCNN-S and BM3D, measured side by side.
+
+Benchmarks are not tests: `run_bench` measures, prints readable tables and writes ``bench-<device>[-quick].json``
+(plus ``solvers-<device>[-quick].png``), from which `markdown_tables` renders the README's speed tables.
+
+Sections of one run (all on one machine, in one process, so ratios are taken side by side):
+
+* ``machine``: the machine's limit, torch.mm GFLOP/s in fp32 and bf16.
+* ``feval``: one f-evaluation of the implicit layer (`model.layer(z, s)` under `torch.no_grad()` and
+  `parametrize.cached()`) in ms and achieved GFLOP/s, as a fraction of the same-dtype matmul figure.
+* ``inference``: seconds per image and PSNR of NERD at fixed iteration counts (tol 0) and at its tolerance,
+  DnCNN-S and BM3D, on a Set12 and a BSD68 image with the protocol's noise.
+* ``solvers``: f-evaluations and time to reach the tolerance for Broyden, Anderson and plain iteration, with the
+  residual-vs-evaluations traces (paper Fig. 10).
+* ``memory``: peak memory of inference at 4 vs 17 iterations and of one training step (phantom / implicit /
+  unrolled); each case runs in a fresh subprocess (see `_memory_child`).
+* ``adaptive``: per-image stopping on the relative residual vs a fixed 17 iterations on held-out Train400 images.
+
+Timing: `time.perf_counter`, `torch.cuda.synchronize()` around each call on CUDA, median of `repeats` calls after
+`warmup` calls; the methods of a comparison run interleaved (round robin), so a noisy neighbour hits all alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils import parametrize
+
+from nerd.config import GradConfig, ModelConfig, SolverConfig
+from nerd.models.nerd import DEQDenoiser
+
+SECTIONS = ("machine", "feval", "inference", "solvers", "memory", "adaptive")
+MIB = 2**20
+Log = Callable[[str], None]
+
+
+def _window_keys(n: int, r: int) -> int:
+    """Sum over the n positions of one axis of the window length truncated at the borders."""
+    return sum(min(i + r, n - 1) - max(i - r, 0) + 1 for i in range(n))
+
+
+def implicit_layer_flops(cfg: ModelConfig, h: int, w: int, batch: int = 1) -> dict[str, int]:
+    """FLOPs of one f-evaluation of the implicit layer on (batch, C, h, w), counted analytically.
+
+    Counted (a multiply-add is 2 FLOPs, as torch.utils.flop_counter counts them):
+
+    * ``convs``: the transformation block's two 3x3 convs C -> eC -> C, dense over the zero-padded border
+      (2 * 9 * C * eC * h * w each);
+    * ``projections``: the q/k/v projection C -> 3C and the output projection C -> C (per pixel);
+    * ``attention``: Q K^T and A V over the keys each query actually needs: its q x q window truncated at the
+      image border (sum over pixels of the window's area, separable in y and x), 2 * C FLOPs per (query, key)
+      for each product (heads x head dim = C).
+
+    Not counted: biases, GroupNorms, softmax, ReLU and residual adds (O(h w C) each, against O(h w C^2)), and
+    the work a kernel wastes on masked or padded keys (see `attention_flops_computed`).
+
+    Returns:
+        {"convs", "projections", "attention", "total"} for the whole batch.
+    """
+    c, e, hw = cfg.channels, cfg.channels * cfg.expansion, h * w
+    out = {"convs": 0, "projections": 0, "attention": 0}
+    if cfg.blocks in ("both", "trans"):
+        out["convs"] = 2 * (2 * 9 * c * e * hw)
+    if cfg.blocks in ("both", "nl"):
+        r = cfg.window // 2
+        out["projections"] = 2 * hw * c * 3 * c + 2 * hw * c * c
+        out["attention"] = 2 * (2 * c * _window_keys(h, r) * _window_keys(w, r))
+    out = {k: v * batch for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def attention_flops_computed(cfg: ModelConfig, h: int, w: int, batch: int = 1) -> int:
+    """FLOPs of Q K^T and A V that `neighbourhood_attention` actually computes, masked and padded keys included.
+
+    Mirrors its dispatch: one (masked) attention over all h w tokens, or b x b query tiles against their
+    (b + 2r)^2 halos (tiles padded to whole tiles).
+    """
+    from nerd.models.attention import _tile_side
+
+    if cfg.blocks not in ("both", "nl"):
+        return 0
+    r, c = cfg.window // 2, cfg.channels
+    if 2 * r + 1 >= 2 * max(h, w) - 1 or _tile_side(h, w, r, cfg.attn_block) >= max(h, w):
+        pairs = (h * w) ** 2
+    else:
+        t = cfg.attn_block
+        pairs = math.ceil(h / t) * math.ceil(w / t) * t * t * (t + 2 * r) ** 2
+    return 2 * (2 * c * pairs) * batch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, result) of one call, synchronised on CUDA."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def interleaved(
+    calls: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 0
+) -> dict[str, tuple[list[float], Any]]:
+    """Time every call `repeats` times, round robin, after `warmup` untimed rounds: {name: (seconds, last result)}."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            timed(fn, device)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    last: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            sec, last[name] = timed(fn, device)
+            times[name].append(sec)
+    return {name: (times[name], last.get(name)) for name in calls}
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+@dataclass
+class BenchSettings:
+    """What one run measures; `standard(device, quick)` gives the full and the --quick sets.
+
+    Attributes:
+        device: "cpu" or "cuda".
+        quick: the small, few-minute variant (recorded in the file name).
+        repeats, warmup: timed and untimed calls per figure.
+        crop: centre-crop every image to crop x crop (None: whole images).
+        patch, patch_batch: the training-sized input of the f-evaluation and of the training step.
+        feval_image: side of the image-sized f-evaluation and of the inference memory case.
+        iters: fixed NERD iteration counts of the inference table (run with tol 0).
+        tol: the convergence tolerance (None: the model's solver tol).
+        solver_cap: f-evaluation cap of the solver comparison.
+        matmul_n: side of the square matmuls.
+        paper_feval: also time the paper preset's f-evaluation (random weights: speed does not depend on them).
+        val_images: held-out Train400 images of the adaptive-stopping section.
+        sections: the sections to run.
+    """
+
+    device: str = "cpu"
+    quick: bool = False
+    repeats: int = 3
+    warmup: int = 1
+    crop: int | None = None
+    patch: int = 64
+    patch_batch: int = 4
+    feval_image: int = 256
+    iters: tuple[int, ...] = (4, 8, 17)
+    tol: float | None = None
+    solver_cap: int = 30
+    matmul_n: int = 2048
+    paper_feval: bool = True
+    val_images: int = 8
+    sections: tuple[str, ...] = SECTIONS
+
+    @classmethod
+    def standard(cls, device: str = "cpu", quick: bool = False, **overrides: Any) -> BenchSettings:
+        """The full run (whole images, paper and shipped presets) or --quick (64² crops, shipped model only)."""
+        base: dict[str, Any] = {"matmul_n": 2048 if device == "cpu" else 8192}
+        if quick:
+            base.update(quick=True, repeats=2, crop=64, patch=32, feval_image=64, solver_cap=17, paper_feval=False)
+        return cls(device=device, **{**base, **overrides})
+
+
+@dataclass
+class Subject:
+    """The NERD model under test: the model, how a subprocess rebuilds it, its name and noise level."""
+
+    model: DEQDenoiser
+    name: str
+    sigma255: float
+    weights_path: str | None = None  # None: random weights of `model.cfg` (the --preset test knob)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_matmul(device: torch.device, n: int, repeats: int, warmup: int) -> dict[str, Any]:
+    """torch.mm n x n in fp32 and bf16: ms and GFLOP/s (2 n^3 FLOPs)."""
+    out: dict[str, Any] = {"n": n}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        secs, _ = interleaved({name: lambda a=a, b=b: torch.mm(a, b)}, device, repeats, warmup)[name]
+        sec = _median(secs)
+        out[name] = {"ms": 1e3 * sec, "gflops": 2 * n**3 / sec / 1e9}
+    return out
+
+
+def bench_feval(
+    models: dict[str, DEQDenoiser], cases: list[tuple[str, int, int]], device: torch.device, s: BenchSettings,
+    matmul: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """One f-evaluation `layer(z, s)` per (model, case (label, side, batch), dtype)."""
+    rows = []
+    for preset, model in models.items():
+        layer = model.layer.eval()
+        cfg = model.cfg
+        for label, side, batch in cases:
+            gen = torch.Generator().manual_seed(0)
+            z = torch.randn(batch, cfg.channels, side, side, generator=gen).to(device)
+            u = torch.randn(batch, cfg.channels, side, side, generator=gen).to(device)
+            useful = implicit_layer_flops(cfg, side, side, batch)
+            computed = useful["total"] - useful["attention"] + attention_flops_computed(cfg, side, side, batch)
+            for dtype in ("fp32", "bf16"):
+                amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+                with torch.no_grad(), parametrize.cached(), amp:
+                    call = {dtype: lambda layer=layer, z=z, u=u: layer(z, u)}
+                    secs, _ = interleaved(call, device, s.repeats, s.warmup)[dtype]
+                sec = _median(secs)
+                mm = (matmul or {}).get(dtype, {}).get("gflops")
+                gflops = useful["total"] / sec / 1e9
+                rows.append({
+                    "preset": preset, "case": label, "batch": batch, "h": side, "w": side, "dtype": dtype,
+                    "ms": 1e3 * sec, "gflop": useful["total"] / 1e9, "gflop_computed": computed / 1e9,
+                    "flops": useful, "gflops": gflops, "gflops_computed": computed / sec / 1e9,
+                    "fraction_of_matmul": gflops / mm if mm else None,
+                })
+    return rows
+
+
+def _nerd_call(model: DEQDenoiser, y: Tensor, sigma: float, solver: SolverConfig) -> Callable[[], Any]:
+    def call() -> tuple[Tensor, int]:
+        with torch.no_grad():
+            eq = model.equilibrium(y, sigma, solver=solver)
+        return eq.x_hat, int(eq.stats.nfe[0])
+
+    return call
+
+
+def _warm_up(model: DEQDenoiser, y: Tensor, sigma: float, device: torch.device) -> None:
+    """One untimed 2-iteration solve: covers every NERD timing at y's size."""
+    timed(_nerd_call(model, y, sigma, replace(model.solver, max_iter=2, tol=0.0)), device)
+
+
+def _noisy(im: dict[str, Any], device: torch.device) -> Tensor:
+    return torch.from_numpy(im["y"]).float()[None, None].to(device)  # (1, 1, H, W)
+
+
+def _psnr(x_hat: Tensor, x: np.ndarray) -> float:
+    from nerd.metrics import psnr
+
+    return psnr(x_hat[0, 0].detach().double().cpu().numpy(), x)
+
+
+def bench_inference(
+    subject: Subject | None, images: list[dict[str, Any]], baselines: dict[str, Callable[[Tensor], Tensor]],
+    device: torch.device, s: BenchSettings, tol: float,
+) -> list[dict[str, Any]]:
+    """Seconds per image and PSNR, every method on every image, interleaved round robin."""
+    out = []
+    for im in images:
+        x, y = im["x"], _noisy(im, device)
+        calls: dict[str, Callable[[], Any]] = {}
+        meta: dict[str, dict[str, Any]] = {}
+        if subject is not None:
+            model, sigma = subject.model, subject.sigma255 / 255
+            for k in s.iters:
+                calls[f"nerd {k} it"] = _nerd_call(model, y, sigma, replace(model.solver, max_iter=k, tol=0.0))
+                meta[f"nerd {k} it"] = {"method": "nerd", "iters": k, "tol": 0.0}
+            solver = replace(model.solver, tol=tol)
+            label = f"nerd tol {tol:g}"
+            calls[label] = _nerd_call(model, y, sigma, solver)
+            meta[label] = {"method": "nerd", "iters": solver.max_iter, "tol": tol}
+            _warm_up(model, y, sigma, device)
+        for name, fn in baselines.items():
+            calls[name] = (lambda fn=fn, y=y: (fn(y), None))
+            meta[name] = {"method": name}
+            timed(calls[name], device)  # warm-up
+        results = interleaved(calls, device, s.repeats)
+        rows = []
+        for name, (secs, (x_hat, nfe)) in results.items():
+            rows.append({"label": name, **meta[name], "seconds": _median(secs), "times": secs,
+                         "psnr": _psnr(x_hat, x), "nfe": nfe})
+        out.append({"set": im["set"], "name": im["name"], "h": x.shape[0], "w": x.shape[1], "rows": rows})
+    return out
+
+
+def bench_solvers(
+    subject: Subject, images: list[dict[str, Any]], device: torch.device, s: BenchSettings, tol: float
+) -> dict[str, Any]:
+    """Broyden, Anderson and plain iteration to `tol` (cap `solver_cap`): nfe, time, residual traces."""
+    model, sigma = subject.model, subject.sigma255 / 255
+    out: dict[str, Any] = {"tol": tol, "max_iter": s.solver_cap, "images": []}
+    for im in images:
+        y = _noisy(im, device)
+        _warm_up(model, y, sigma, device)
+        runs = []
+        for name in ("broyden", "anderson", "fixed_point"):
+            # Anderson keeps 2 m full-size iterates: m 5 (its usual memory) rather than Broyden's m.
+            memory = min(model.solver.memory, 5) if name == "anderson" else model.solver.memory
+            solver = replace(model.solver, name=name, max_iter=s.solver_cap, tol=tol, memory=memory)
+            with torch.no_grad():
+                sec, eq = timed(lambda solver=solver, y=y: model.equilibrium(y, sigma, solver=solver), device)
+            st = eq.stats
+            nfe = int(st.nfe[0])
+            runs.append({
+                "solver": name, "config": dataclasses.asdict(solver), "nfe": nfe, "seconds": sec,
+                "ms_per_feval": 1e3 * sec / max(nfe, 1),
+                "converged": bool(st.converged[0]), "rel_residual": float(st.rel_residual[0]),
+                "psnr": _psnr(eq.x_hat, im["x"]), "trace": [float(v) for v in st.trace[0].cpu()],
+            })
+        out["images"].append({"set": im["set"], "name": im["name"], "h": im["x"].shape[0],
+                              "w": im["x"].shape[1], "runs": runs})
+    return out
+
+
+def bench_adaptive(
+    subject: Subject, images: list[dict[str, Any]], device: torch.device, tol: float, cap: int = 17
+) -> dict[str, Any]:
+    """Per-image stopping at `tol` vs a fixed `cap` iterations: f-evaluations saved, PSNR lost."""
+    model, sigma = subject.model, subject.sigma255 / 255
+    rows = []
+    warmed: set[torch.Size] = set()
+    for im in images:
+        y = _noisy(im, device)
+        if y.shape not in warmed:
+            _warm_up(model, y, sigma, device)
+            warmed.add(y.shape)
+        row: dict[str, Any] = {"name": im["name"]}
+        for key, t in (("fixed", 0.0), ("adaptive", tol)):
+            sec, (x_hat, nfe) = timed(_nerd_call(model, y, sigma, replace(model.solver, max_iter=cap, tol=t)),
+                                      device)
+            row.update({f"nfe_{key}": nfe, f"psnr_{key}": _psnr(x_hat, im["x"]), f"seconds_{key}": sec})
+        rows.append(row)
+    nfe_f = sum(r["nfe_fixed"] for r in rows)
+    nfe_a = sum(r["nfe_adaptive"] for r in rows)
+    return {
+        "tol": tol, "max_iter": cap, "images": rows,
+        "saved_fraction": 1 - nfe_a / nfe_f,
+        "psnr_lost_db": float(np.mean([r["psnr_fixed"] for r in rows]) - np.mean([r["psnr_adaptive"] for r in rows])),
+        "seconds_saved_fraction": 1 - sum(r["seconds_adaptive"] for r in rows) / sum(r["seconds_fixed"] for r in rows),
+    }
+
+
+MEMORY_METHOD = {
+    "cpu": "each case in a fresh subprocess, after one untimed warm-up call: the peak resident set (VmHWM, reset "
+    "through /proc/self/clear_refs) minus the resident set before the timed calls (VmRSS); PyTorch's CPU "
+    "allocator does not cache and glibc's mmap threshold is fixed at 128 KiB, so freed tensors leave the "
+    "resident set",
+    "cuda": "each case in a fresh subprocess, after one untimed warm-up call: torch.cuda.max_memory_allocated "
+    "minus memory_allocated before the timed calls",
+}
+
+
+def memory_cases(s: BenchSettings) -> list[dict[str, Any]]:
+    """Inference at 4 vs 17 iterations (one image) and one training step per gradient mode (a patch batch)."""
+    side = s.crop or s.feval_image
+    patch = min(s.patch, s.crop) if s.crop else s.patch
+    infer = [{"kind": "inference", "iters": k, "batch": 1, "h": side, "w": side} for k in (4, 17)]
+    train = [
+        {"kind": "train", "grad": "phantom", "steps": 8, "iters": 17},
+        {"kind": "train", "grad": "implicit", "steps": 1, "iters": 17},
+        {"kind": "train", "grad": "unrolled", "steps": 17, "iters": 17},
+    ]
+    return infer + [{**c, "batch": s.patch_batch, "h": patch, "w": patch} for c in train]
+
+
+def _proc_status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _memory_child() -> int:
+    """Run one memory case (JSON spec on stdin) in this fresh process; print the result as JSON on stdout."""
+    from nerd.config import config_from_dict
+
+    spec = json.loads(sys.stdin.read())
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    if spec["weights"]:
+        from nerd.weights import load_weights
+
+        model, _ = load_weights(spec["weights"])
+    else:
+        cfg = config_from_dict({"model": spec["model"], "solver": spec["solver"]})
+        torch.manual_seed(0)
+        model = DEQDenoiser(cfg.model, solver=cfg.solver)
+    model.to(device)
+    case, sigma = spec["case"], spec["sigma255"] / 255
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(case["batch"], 1, case["h"], case["w"], generator=gen)
+    y = (x + sigma * torch.randn(x.shape, generator=gen)).to(device)
+    x = x.to(device)
+    solver = replace(model.solver, max_iter=case["iters"], tol=0.0)
+    if case["kind"] == "inference":
+        model.eval()
+
+        def run() -> None:
+            with torch.no_grad():
+                model.equilibrium(y, sigma, solver=solver)
+    else:
+        model.train()
+        model.grad = GradConfig(mode=case["grad"], steps=case["steps"])
+
+        def run() -> None:
+            for p in model.parameters():
+                p.grad = None
+            F.mse_loss(model.equilibrium(y, sigma, solver=solver).x_hat, x).backward()
+
+    run()  # warm-up: one-time allocations (kernels, thread pools, caches) belong to the baseline
+    gc.collect()
+    note = ""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+        except OSError:
+            note = "VmHWM could not be reset: the peak may include the start-up's"
+        base = _proc_status_bytes("VmRSS")
+    times = [timed(run, device)[0] for _ in range(spec["repeats"])]
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _proc_status_bytes("VmHWM")) - base
+    print(json.dumps({"peak_bytes": peak, "baseline_bytes": base, "times": times, "note": note}))
+    return 0
+
+
+def bench_memory(subject: Subject, s: BenchSettings, log: Log) -> dict[str, Any]:
+    """Every memory case in its own subprocess (see MEMORY_METHOD)."""
+    cases = []
+    for case in memory_cases(s):
+        spec = {
+            "weights": subject.weights_path, "model": dataclasses.asdict(subject.model.cfg),
+            "solver": dataclasses.asdict(subject.model.solver), "device": s.device, "threads": torch.get_num_threads(),
+            "sigma255": subject.sigma255, "case": case, "repeats": s.repeats,
+        }
+        cmd = [sys.executable, "-c", "import sys; from nerd.bench import _memory_child; sys.exit(_memory_child())"]
+        # Fixed glibc thresholds: every block >= 128 KiB is mmapped and unmapped on free, so the resident set
+        # follows the live tensors (glibc's dynamic threshold would keep freed warm-up blocks resident).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+        proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, check=False, env=env)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            log(f"memory case {case} failed: {tail[0]}")
+            cases.append({**case, "error": tail[0]})
+            continue
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        times = res["times"]
+        cases.append({**case, "peak_mib": res["peak_bytes"] / MIB, "baseline_mib": res["baseline_bytes"] / MIB,
+                      "seconds": _median(times), "times": times, "note": res["note"]})
+    return {"method": MEMORY_METHOD[torch.device(s.device).type], "cases": cases}
+
+
+TARGETS = (
+    "f-eval >= 50 % of matmul (fp32, useful FLOPs)",
+    "inference peak memory at 17 iters <= 1.1x at 4",
+    "phantom step <= 0.5x memory of unrolled backprop",
+    "adaptive stopping >= 30 % f-evals saved at <= 0.02 dB lost",
+    "a NERD iteration count beats BM3D's PSNR faster than BM3D",
+)
+Verdict = tuple[bool, str] | None  # (met, the numbers), or None: not measured
+
+
+def _find(cases: list[dict[str, Any]], **kw: Any) -> dict[str, Any] | None:
+    return next((c for c in cases if "peak_mib" in c and all(c.get(k) == v for k, v in kw.items())), None)
+
+
+def _memory_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, limit: float) -> Verdict:
+    if not (a and b and b["peak_mib"] > 0):
+        return None
+    r = a["peak_mib"] / b["peak_mib"]
+    return r <= limit, f"{a['peak_mib']:.1f} vs {b['peak_mib']:.1f} MiB: {r:.2f}x"
+
+
+def _feval_verdict(rows: list[dict[str, Any]]) -> Verdict:
+    fp32 = [r for r in rows if r["dtype"] == "fp32" and r["fraction_of_matmul"] is not None]
+    if not fp32:
+        return None
+    detail = "; ".join(f"{r['preset']} {r['case']}: {100 * r['fraction_of_matmul']:.0f} %" for r in fp32)
+    return all(r["fraction_of_matmul"] >= 0.5 for r in fp32), detail
+
+
+def _adaptive_verdict(ad: dict[str, Any] | None) -> Verdict:
+    if not ad:
+        return None
+    met = ad["saved_fraction"] >= 0.30 and ad["psnr_lost_db"] <= 0.02
+    return met, f"{100 * ad['saved_fraction']:.1f} % saved, {ad['psnr_lost_db']:+.4f} dB lost (tol {ad['tol']:g})"
+
+
+def _bm3d_verdict(images: list[dict[str, Any]]) -> Verdict:
+    """Per image, the NERD row with the fewest f-evaluations that has a higher PSNR than BM3D in less time."""
+    methods = [{r["method"] for r in im["rows"]} for im in images]
+    if not images or not all({"bm3d", "nerd"} <= m for m in methods):
+        return None
+    met, parts = True, []
+    for im in images:
+        bm = next(r for r in im["rows"] if r["method"] == "bm3d")
+        wins = [r for r in im["rows"]
+                if r["method"] == "nerd" and r["psnr"] > bm["psnr"] and r["seconds"] < bm["seconds"]]
+        ref = f"BM3D {bm['psnr']:.2f} dB in {bm['seconds']:.2f} s"
+        if wins:
+            b = min(wins, key=lambda r: (r["nfe"], r["seconds"]))
+            parts.append(f"{im['name']}: {b['label']} (nfe {b['nfe']}) {b['psnr']:.2f} dB in {b['seconds']:.2f} s "
+                         f"vs {ref}")
+        else:
+            met = False
+            parts.append(f"{im['name']}: no NERD row beats {ref}")
+    return met, "; ".join(parts)
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The project's performance targets (`TARGETS`): met / not met / None (not measured), with the numbers."""
+    cases = (res.get("memory") or {}).get("cases", [])
+    verdicts = [
+        _feval_verdict(res.get("feval") or []),
+        _memory_ratio(_find(cases, kind="inference", iters=17), _find(cases, kind="inference", iters=4), 1.1),
+        _memory_ratio(_find(cases, grad="phantom"), _find(cases, grad="unrolled"), 0.5),
+        _adaptive_verdict(res.get("adaptive")),
+        _bm3d_verdict(res.get("inference") or []),
+    ]
+    return [{"target": t, "met": v[0] if v else None, "detail": v[1] if v else "not measured"}
+            for t, v in zip(TARGETS, verdicts, strict=True)]
+
+
+def _centre(x: np.ndarray, crop: int | None) -> np.ndarray:
+    if not crop:
+        return x
+    h, w = x.shape
+    top, left = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
+    return x[top : top + crop, left : left + crop]
+
+
+def _image(set_name: str, path: Path, sigma255: float, crop: int | None) -> dict[str, Any]:
+    from nerd.data.noise import protocol_noisy
+    from nerd.io import load_gray
+
+    x = _centre(load_gray(path).astype(np.float64), crop)
+    return {"set": set_name, "name": path.name, "x": x, "y": protocol_noisy(x, sigma255)}
+
+
+def inference_images(data_root: Path, sigma255: float, crop: int | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The first 256 x 256 image of Set12 and the first image of BSD68 (481 x 321), protocol noise; notes."""
+    from nerd.io import list_images, load_gray
+
+    images, notes = [], []
+    for set_name, shape in (("Set12", (256, 256)), ("BSD68", None)):
+        folder = data_root / set_name
+        paths = list_images(folder) if folder.is_dir() else []
+        if not paths:
+            notes.append(f"{set_name}: no images in {folder}; skipped")
+            continue
+        pick = next((p for p in paths if shape is None or load_gray(p).shape == shape), paths[0])
+        images.append(_image(set_name, pick, sigma255, crop))
+    return images, notes
+
+
+def validation_images(data_root: Path, n: int, sigma255: float, crop: int | None) -> list[dict[str, Any]]:
+    """The last n Train400 images by sorted name (held out of training), protocol noise."""
+    from nerd.io import list_images
+
+    folder = data_root / "Train400"
+    paths = list_images(folder)[-n:] if folder.is_dir() else []
+    return [_image("Train400", p, sigma255, crop) for p in paths]
+
+
+def plot_solvers(solvers: dict[str, Any], path: Path) -> Path | None:
+    """Residual vs f-evaluations per solver, one panel per image (paper Fig. 10); None without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    ims = solvers["images"]
+    fig = Figure(figsize=(5 * len(ims), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(ims), squeeze=False)[0]
+    for ax, im in zip(axes, ims, strict=True):
+        for run in im["runs"]:
+            trace = [v for v in run["trace"] if v is not None and math.isfinite(v)]
+            ax.semilogy(range(1, len(trace) + 1), trace, marker=".", label=f"{run['solver']} ({run['nfe']})")
+        ax.axhline(solvers["tol"], color="gray", ls="--", lw=0.8)
+        ax.set(title=f"{im['set']} {im['name']} ({im['h']}x{im['w']})", xlabel="f-evaluations",
+               ylabel="relative residual")
+        ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-ready: NaN / inf -> None, tuples -> lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _f(v: Any, spec: str = ".2f", none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _table(head: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(head) - 1)
+    sep = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render_section(res: dict[str, Any], name: str) -> str:
+    """One section of a results dict as markdown ("" when it was not measured)."""
+    data = res.get(name)
+    if not data:
+        return ""
+    if name == "machine":
+        rows = [[f"torch.mm {data['n']}² {d}", _f(data[d]["ms"], ".1f"), _f(data[d]["gflops"], ".0f")]
+                for d in ("fp32", "bf16")]
+        return "### The machine's limit\n\n" + _table(["op", "ms", "GFLOP/s"], rows)
+    if name == "feval":
+        rows = [[r["preset"], f"{r['case']} {r['batch']}×{r['h']}²", r["dtype"], _f(r["ms"], ".1f"),
+                 _f(r["gflop"], ".3g"), _f(r["gflop_computed"], ".3g"), _f(r["gflops"], ".1f"),
+                 _f(None if r["fraction_of_matmul"] is None else 100 * r["fraction_of_matmul"], ".0f") + " %"]
+                for r in data]
+        head = ["model", "input", "dtype", "ms", "GFLOP useful", "GFLOP computed", "GFLOP/s useful", "of mm"]
+        return ("### One f-evaluation of the implicit layer\n\n" + _table(head, rows, "lllrrrrr")
+                + "\nUseful FLOPs: `implicit_layer_flops` (windows truncated at the border); computed: what the "
+                "attention kernel does, masked and padded keys included.\n")
+    if name == "inference":
+        parts = ["### Inference (seconds per image, protocol noise)\n"]
+        for im in data:
+            bm = next((r for r in im["rows"] if r["method"] == "bm3d"), None)
+            rows = []
+            for r in im["rows"]:
+                ratio = r["seconds"] / bm["seconds"] if bm else None
+                dp = r["psnr"] - bm["psnr"] if bm else None
+                rows.append([r["label"], _f(r["nfe"], "d"), _f(r["seconds"], ".3f"), _f(ratio, ".2f") + "×",
+                             _f(r["psnr"], ".2f"), _f(dp, "+.2f")])
+            parts.append(f"\n{im['set']} {im['name']} ({im['h']}×{im['w']})\n\n"
+                         + _table(["method", "nfe", "s/image", "time vs BM3D", "PSNR (dB)", "vs BM3D (dB)"], rows))
+        return "".join(parts)
+    if name == "solvers":
+        parts = [f"### Solvers to tol {data['tol']:g} (cap {data['max_iter']})\n"]
+        for im in data["images"]:
+            rows = [[r["solver"], str(r["nfe"]), _f(r["seconds"], ".3f"), _f(r["ms_per_feval"], ".1f"),
+                     "yes" if r["converged"] else "no", _f(r["rel_residual"], ".2e"), _f(r["psnr"], ".2f")]
+                    for r in im["runs"]]
+            parts.append(f"\n{im['set']} {im['name']} ({im['h']}×{im['w']})\n\n"
+                         + _table(["solver", "nfe", "s", "ms/f-eval", "converged", "rel residual", "PSNR"], rows))
+        return "".join(parts)
+    if name == "memory":
+        rows = []
+        for c in data["cases"]:
+            what = (f"inference {c['iters']} it" if c["kind"] == "inference"
+                    else f"train step, {c['grad']} (solve {c['iters']}, T {c['steps']})" if c["grad"] == "phantom"
+                    else f"train step, {c['grad']} ({c['steps'] if c['grad'] == 'unrolled' else c['iters']} it)")
+            rows.append([what, f"{c['batch']}×{c['h']}×{c['w']}", _f(c.get("peak_mib"), ".1f"),
+                         _f(c.get("seconds"), ".3f")])
+        return ("### Peak memory\n\n" + _table(["case", "input", "peak MiB (above baseline)", "s"], rows, "llrr")
+                + f"\nMethod: {data['method']}.\n")
+    if name == "adaptive":
+        rows = [[r["name"], str(r["nfe_fixed"]), str(r["nfe_adaptive"]), _f(r["psnr_fixed"], ".3f"),
+                 _f(r["psnr_adaptive"], ".3f")] for r in data["images"]]
+        return (f"### Adaptive stopping (tol {data['tol']:g}) vs {data['max_iter']} iterations\n\n"
+                + _table(["image", "nfe fixed", "nfe adaptive", "PSNR fixed", "PSNR adaptive"], rows)
+                + f"\nf-evaluations saved {100 * data['saved_fraction']:.1f} %, time saved "
+                f"{100 * data['seconds_saved_fraction']:.1f} %, PSNR lost {data['psnr_lost_db']:+.4f} dB.\n")
+    if name == "targets":
+        marks = {True: "met", False: "not met", None: "not measured"}
+        rows = [[t["target"], marks[t["met"]], t["detail"]] for t in data]
+        return "### Targets\n\n" + _table(["target", "status", "numbers"], rows, "lll")
+    raise KeyError(name)
+
+
+def _render_meta(res: dict[str, Any]) -> str:
+    m = res["meta"]
+    return (f"Measured by `nerd bench{' --quick' if m['quick'] else ''}` on {m['device_name']} ({m['device']}), "
+            f"torch {m['torch']}, {m['threads']} thread(s), model {m['model_name']}; times are medians of "
+            f"{m['repeats']} run(s) after {m['warmup']} warm-up.\n")
+
+
+def markdown_tables(json_path: str | os.PathLike[str]) -> str:
+    """The README's speed tables (every measured section and the target status) from a bench results JSON."""
+    res = json.loads(Path(json_path).read_text())
+    parts = [_render_meta(res)] + [render_section(res, n) for n in (*SECTIONS, "targets")]
+    notes = res.get("notes") or []
+    if notes:
+        parts.append("Notes:\n\n" + "".join(f"- {n}\n" for n in notes))
+    return "\n".join(p for p in parts if p)
+
+
+def run_bench(
+    subject: Subject | None, s: BenchSettings, *, data_root: Path, out_dir: Path, anchors: str | None = None,
+    log: Log = print,
+) -> tuple[dict[str, Any], Path]:
+    """Measure every section of `s.sections`, print each as a table, write the JSON (and the solver plot).
+
+    Args:
+        subject: the NERD model (None: only the sections that need no NERD weights run).
+    Returns:
+        (results, path of the JSON).
+    """
+    device = torch.device(s.device)
+    sigma255 = subject.sigma255 if subject else 25.0
+    tol = s.tol if s.tol is not None else (subject.model.solver.tol if subject else 1e-3)
+    tag = device.type + ("-quick" if s.quick else "")
+    res: dict[str, Any] = {"meta": {
+        "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
+        "python": platform.python_version(), "threads": torch.get_num_threads(), "quick": s.quick,
+        "repeats": s.repeats, "warmup": s.warmup, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": dataclasses.asdict(s), "sigma": sigma255, "tol": tol,
+        "model_name": subject.name if subject else "none",
+        "model": dataclasses.asdict(subject.model.cfg) if subject else None,
+        "solver": dataclasses.asdict(subject.model.solver) if subject else None,
+    }}
+    notes: list[str] = []
+    res["notes"] = notes
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    res["meta"]["loadavg_start"] = load
+    if load is not None and device.type == "cpu" and load >= 0.5:
+        notes.append(f"the machine was busy (1-minute load average {load:.1f} at the start): other processes share "
+                     f"the {os.cpu_count()} cores, timings are inflated and noisy")
+    if subject is not None:
+        subject.model.to(device).eval()
+    log(_render_meta(res))
+
+    def show(name: str) -> None:
+        text = render_section(res, name)
+        if text:
+            log(text)
+
+    if "machine" in s.sections:
+        res["machine"] = bench_matmul(device, s.matmul_n, s.repeats, s.warmup)
+        show("machine")
+    if "feval" in s.sections:
+        models: dict[str, DEQDenoiser] = {}
+        if s.paper_feval:
+            from nerd.models import create_model
+
+            models["paper"] = create_model("paper").to(device).eval()
+        if subject is not None:
+            models[subject.name] = subject.model
+        else:
+            notes.append("f-eval: no NERD weights (nerd-s25 not shipped, no --weights): the shipped model is skipped")
+        patch = min(s.patch, s.crop) if s.crop else s.patch
+        cases = [("patch", patch, s.patch_batch), ("image", s.crop or s.feval_image, 1)]
+        res["feval"] = bench_feval(models, cases, device, s, res.get("machine"))
+        show("feval")
+    images: list[dict[str, Any]] = []
+    if {"inference", "solvers"} & set(s.sections):
+        images, more = inference_images(data_root, sigma255, s.crop)
+        notes.extend(more)
+    if "inference" in s.sections and images:
+        baselines: dict[str, Callable[[Tensor], Tensor]] = {}
+        try:
+            from nerd.models.dncnn import load_dncnn
+
+            dncnn = load_dncnn(sigma255, anchors).to(device)
+            baselines["dncnn"] = lambda y: dncnn(y, sigma255 / 255)
+        except (FileNotFoundError, ValueError) as err:
+            notes.append(f"DnCNN-S skipped: {err}")
+        try:
+            import bm3d  # noqa: F401
+
+            from nerd.models.bm3d import BM3D
+
+            bm3d_model = BM3D()
+            baselines["bm3d"] = lambda y: bm3d_model(y, sigma255 / 255)
+        except ImportError:
+            notes.append("BM3D skipped: the bm3d package is not installed (pip install 'nerd[bm3d]')")
+        if subject is None:
+            notes.append("inference: no NERD weights, baselines only")
+        with torch.no_grad():
+            res["inference"] = bench_inference(subject, images, baselines, device, s, tol)
+        show("inference")
+    needs_model = [n for n in ("solvers", "memory", "adaptive") if n in s.sections]
+    if subject is None and needs_model:
+        notes.append(f"{', '.join(needs_model)}: skipped, no NERD weights (nerd-s25 not shipped, no --weights)")
+    if subject is not None and "solvers" in s.sections and images:
+        res["solvers"] = bench_solvers(subject, images, device, s, tol)
+        plot = plot_solvers(res["solvers"], out_dir / f"solvers-{tag}.png")
+        res["solvers"]["plot"] = plot.name if plot else None
+        if plot is None:
+            notes.append("solver plot skipped: matplotlib is not installed")
+        show("solvers")
+    if subject is not None and "memory" in s.sections:
+        res["memory"] = bench_memory(subject, s, log)
+        show("memory")
+    if subject is not None and "adaptive" in s.sections:
+        val = validation_images(data_root, s.val_images, sigma255, s.crop)
+        if val:
+            res["adaptive"] = bench_adaptive(subject, val, device, tol)
+            show("adaptive")
+        else:
+            notes.append(f"adaptive: no Train400 folder under {data_root}; skipped")
+    res["meta"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    res["targets"] = targets(res)
+    show("targets")
+    for n in notes:
+        log(f"note: {n}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bench-{tag}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_clean(res), indent=1) + "\n")
+    os.replace(tmp, path)
+    return res, path
