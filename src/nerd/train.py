@@ -184,6 +184,9 @@ def train(
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        if ckpt is None:  # a fresh run: logs left by an earlier attempt that never checkpointed are stale
+            for name in ("log.csv", "val.csv"):
+                (run / name).unlink(missing_ok=True)
 
     torch.manual_seed(t.seed)
     data_root = Path(t.data) if t.data else default_data_root() / "Train400"
@@ -279,6 +282,7 @@ def train(
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
+    finished_before = step >= total  # resuming a finished run changes nothing
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -329,14 +333,14 @@ def train(
             if time.monotonic() - last_ckpt > 60 * t.checkpoint_minutes:
                 checkpoint()
                 last_ckpt = time.monotonic()
-            if (
-                stop["signal"] is not None
-                or (stop_after is not None and step >= stop_after)
-                or (max_minutes is not None and time.monotonic() - started > 60 * max_minutes)
-                or (max_cpu_minutes is not None and cpu > 60 * max_cpu_minutes)
-            ):
+            budget_spent = (max_minutes is not None and time.monotonic() - started > 60 * max_minutes) or (
+                max_cpu_minutes is not None and cpu > 60 * max_cpu_minutes
+            )
+            if budget_spent and step < total and t.val_every and step % t.val_every:
+                run_validation()  # a budgeted run ends with a validation figure (a comparison's end point)
+            if stop["signal"] is not None or (stop_after is not None and step >= stop_after) or budget_spent:
                 break
-        if step >= total:
+        if step >= total and not finished_before:
             run_validation()
         checkpoint()
     finally:

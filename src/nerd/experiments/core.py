@@ -41,7 +41,8 @@ class Budget:
         val_points: validations per run (the learning curve's points).
         solver_iters: Broyden iterations for validation and test (and training unless `train_iters`).
         infer_iters: solver iterations for the weight-based experiments (None: the weights' own solver).
-        test_limit: Set12 images scored (None: all 12).
+        test_limit: Set12 images scored (None: all 12). quick: the seven 256 x 256 ones, since the five 512 x 512
+            ones would take 70% of the test time; comparisons are paired (same images, same noise).
         figure_crop: centre crop of the figure image for the weight-based figures (0: whole image).
         resolution: the smallest PSNR difference (dB) we treat as measured; None at the smoke scale.
         unroll: K, the iterations of the unrolled (explicit) baseline of `iterations`.
@@ -77,14 +78,14 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     "smoke": Budget(model="tiny", heads=2, crop=16, batch=2, steps=3, val_images=2, val_points=2, val_crop=32,
-                    solver_iters=4, train_iters=0, phantom=(2, 0.8), resolution=None, unroll=2, sweep=(1, 2, 4),
+                    solver_iters=4, train_iters=0, phantom=(2, 0.8), resolution=None, unroll=2, sweep=(1, 2, 4, 8),
                     trace_iters=8, test_limit=2, figure_crop=64, infer_iters=4,
                     sigmas_for={"equilibrium": (25.0,), "depth": (25.0,)}),
     "quick": Budget(model="xs", heads=4, crop=32, batch=4, steps=500, val_images=8, val_points=10, val_crop=64,
                     solver_iters=17, train_iters=0, phantom=(8, 0.8), resolution=0.1, unroll=4,
-                    sweep=(1, 2, 4, 8, 17, 32), trace_iters=30,
-                    steps_for={"postnorm": 800, "heads": 600, "blocks": 600, "neighbourhood": 500, "phantom": 400,
-                               "iterations": 800, "equilibrium": 500},
+                    sweep=(1, 2, 4, 8, 17, 32), trace_iters=30, test_limit=7,
+                    steps_for={"equilibrium": 500, "postnorm": 1000, "heads": 800, "blocks": 800,
+                               "neighbourhood": 500, "phantom": 400, "iterations": 800},
                     sigmas_for={"equilibrium": (25.0, 50.0), "depth": (15.0, 25.0, 50.0)}),
     "paper": Budget(model="paper", heads=4, crop=64, batch=4, steps=0, val_images=8, val_points=100, val_crop=0,
                     solver_iters=17, train_iters=0, phantom=(8, 0.8), resolution=0.02, unroll=12,
@@ -125,6 +126,15 @@ class Context:
             raise ExperimentError(f"unknown preset {self.preset!r}; choose {', '.join(PRESETS)}")
         self.out = Path(self.out)
         self.data = Path(self.data)
+
+    @property
+    def dev(self) -> str:
+        """Where models run: the --device, else cuda when available."""
+        if self.device:
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
     def budget(self) -> Budget:
@@ -182,13 +192,16 @@ def base_config(ctx: Context, exp: str, variant: str, *, sigma: float = 25.0, gr
     from nerd.io import list_images
 
     b = ctx.budget
-    mcfg: ModelConfig = preset_config(b.model, **{"heads": b.heads, "window": b.window(), **model})
+    try:
+        mcfg: ModelConfig = preset_config(b.model, **{"heads": b.heads, "window": b.window(), **model})
+    except (KeyError, ValueError) as err:
+        raise ExperimentError(f"{exp}/{variant}: {err}") from None
     train_dir = ctx.folder("Train400")
     steps = ctx.steps_for(exp)
     n_train = max(1, len(list_images(train_dir)) - b.val_images)
     t = TrainConfig(data=str(train_dir), sigma=(float(sigma),), crop=b.crop, batch=b.batch, steps=steps, lr=b.lr,
                     val_images=b.val_images, val_crop=b.val_crop, val_every=1, seed=ctx.seed,
-                    train_iters=b.train_iters, log_every=max(1, min(10, steps or 10)), checkpoint_minutes=5.0)
+                    train_iters=b.train_iters, log_every=max(1, min(10, steps or 10)), checkpoint_minutes=2.0)
     t = replace(t, val_every=max(1, t.total_steps(n_train) // b.val_points))
     return Config(model=mcfg, solver=solver or SolverConfig(name="broyden", max_iter=b.solver_iters, tol=1e-3),
                   grad=grad or GradConfig(mode="phantom", steps=b.phantom[0], damping=b.phantom[1]), train=t,
@@ -206,6 +219,7 @@ class Run:
     variant: str
     dir: Path
     cfg: Config
+    diverged: str | None = None  # the NonFiniteLoss message when training stopped on a non-finite loss
 
     @property
     def weights(self) -> Path:
@@ -224,12 +238,13 @@ class Run:
         return {"run_dir": str(self.dir), "config": config_to_dict(self.cfg), "curve": curve,
                 "final_val": curve[-1] if curve else {}, "best_val": best,
                 "steps": int(float(last.get("step", 0) or 0)), "cpu_s": float(last.get("cpu_s", 0) or 0),
-                "elapsed_s": float(last.get("elapsed_s", 0) or 0), "final_loss": float(last.get("loss", "nan"))}
+                "elapsed_s": float(last.get("elapsed_s", 0) or 0),
+                "final_loss": float(last["loss"]) if last.get("loss") else None, "diverged": self.diverged}
 
     def load(self, device: str | None = None):  # noqa: ANN201 -- a DEQDenoiser
         from nerd.weights import load_weights
 
-        model, _ = load_weights(self.weights, device=device or "cpu")
+        model, _ = load_weights(self.weights, device=device or "cpu")  # callers pass ctx.dev
         return model
 
     def memo(self, key: str, fn: Callable[[], Any]) -> Any:
@@ -270,31 +285,46 @@ def train_run(ctx: Context, exp: str, variant: str, cfg: Config) -> Run:
     from nerd.train import NonFiniteLoss, train
 
     run_dir = ctx.out / exp / "runs" / f"{ctx.preset}-{variant}"
-    ckpt = run_dir / "last.pt"
+    ckpt, marker = run_dir / "last.pt", run_dir / "diverged.txt"
     n_train = len(list_images(cfg.train.data)) - cfg.train.val_images
     total = cfg.train.total_steps(n_train)
     resume = False
-    if ckpt.exists():
+    if ckpt.exists() or marker.exists():
         saved = json.loads((run_dir / "config.json").read_text())
         if saved != _normal(config_to_dict(cfg)):
             raise ExperimentError(f"{run_dir} holds a run with another config (an earlier preset, --steps or "
                                   "--data?): delete it or choose another --out")
+    if marker.exists():
+        return _diverged(ctx, exp, Run(variant, run_dir, cfg, marker.read_text().strip()))
+    if ckpt.exists():
         step = torch.load(ckpt, map_location="cpu", weights_only=False)["step"]
         if step >= total and (run_dir / "best.safetensors").exists():
             return Run(variant, run_dir, cfg)
         resume = True
         ctx.log(f"{exp}/{variant}: resuming at step {step} of {total}")
     else:
+        for stale in ("log.csv", "val.csv", "measurements.json"):  # a start killed before its first checkpoint
+            (run_dir / stale).unlink(missing_ok=True)
         ctx.log(f"{exp}/{variant}: training {total} steps -> {run_dir}")
     try:
         train(cfg, out=run_dir, resume=resume, device=ctx.device, progress=ctx.progress)
-    except NonFiniteLoss as err:
-        raise ExperimentError(f"{exp}/{variant}: training diverged: {err}") from None
+    except NonFiniteLoss as err:  # a result, not a failure: the variant is scored with its best weights
+        marker.write_text(f"{err}\n")
+        return _diverged(ctx, exp, Run(variant, run_dir, cfg, str(err)))
     step = torch.load(ckpt, map_location="cpu", weights_only=False)["step"]
     if step < total:  # stopped by a signal: the checkpoint is kept, the same command resumes it
         ctx.log(f"{exp}/{variant}: stopped at step {step} of {total}; re-run the same command to resume")
         raise KeyboardInterrupt
     return Run(variant, run_dir, cfg)
+
+
+def _diverged(ctx: Context, exp: str, run: Run) -> Run:
+    """A run whose loss became non-finite: usable through its best validation weights, if it has any."""
+    if not run.weights.exists():
+        raise ExperimentError(f"{exp}/{run.variant}: training diverged before its first validation ({run.diverged});"
+                              f" delete {run.dir} to retry")
+    ctx.log(f"{exp}/{run.variant}: training diverged ({run.diverged}); scoring its best validation weights")
+    return run
 
 
 def evaluate_on(ctx: Context, method: Any, sigma: float, *, solver: SolverConfig | None = None,
@@ -319,7 +349,7 @@ def test_key(ctx: Context, sigma: float, extra: str = "") -> str:
 def test_scores(ctx: Context, run: Run, sigma: float | None = None) -> dict[str, Any]:
     """The run's best-validation weights scored on the test set at its own sigma (cached)."""
     s = sigma if sigma is not None else run.cfg.train.sigma[0]
-    return run.memo(test_key(ctx, s), lambda: evaluate_on(ctx, run.load(ctx.device), s))
+    return run.memo(test_key(ctx, s), lambda: evaluate_on(ctx, run.load(ctx.dev), s))
 
 
 def means(report: dict[str, Any]) -> tuple[float, float]:

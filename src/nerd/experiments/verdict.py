@@ -68,7 +68,7 @@ def from_numbers(paper: Mapping[str, float], *, higher_is_better: bool = True) -
     out = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            gap = sign * (paper[a] - paper[b])
+            gap = round(sign * (paper[a] - paper[b]), 9)  # 30.84 - 30.78 is 0.06, not 0.0599999
             if gap > 0:
                 out.append(Expect(a, b, ">", gap))
             elif gap < 0:
@@ -83,14 +83,15 @@ def from_order(order: Sequence[str], relation: Relation = ">") -> list[Expect]:
 
 def ordering(values: Mapping[str, float], *, higher_is_better: bool = True, resolution: float | None = None,
              fmt: str = "{:.2f}") -> str:
-    """'a > b ≈ c' from best to worst; neighbours closer than `resolution` are joined with '≈'."""
+    """'a > b ≈ c' from best to worst ('a < b' when lower is better); neighbours closer than `resolution` are
+    joined with '≈'."""
     items = sorted(values.items(), key=lambda kv: kv[1], reverse=higher_is_better)
     if not items:
         return "-"
     text = items[0][0]
     for (_, prev), (name, val) in zip(items, items[1:], strict=False):
         close = resolution is not None and abs(prev - val) < resolution
-        text += f" {'≈' if close else '>'} {name}"
+        text += f" {'≈' if close else '>' if higher_is_better else '<'} {name}"
     return text
 
 
@@ -115,7 +116,7 @@ def judge(
             outcome = "missing"
             d = None
         else:
-            d = sign * (ours[e.a] - ours[e.b])
+            d = round(sign * (ours[e.a] - ours[e.b]), 9)
             if resolution is None:
                 outcome = "not judged"
             elif e.relation == ">" and e.gap is not None and abs(e.gap) < resolution:
@@ -146,7 +147,7 @@ def judge(
             note = f"our differences within ±{resolution:g}: {', '.join(tied)}"
     if paper_order is None:
         paper_order = (ordering(paper_values, higher_is_better=higher_is_better) if paper_values
-                       else " > ".join(_order_from_pairs(expected)))
+                       else (" > " if higher_is_better else " < ").join(_order_from_pairs(expected)))
     our = ordering({k: v for k, v in ours.items() if k in _names(expected) or not expected},
                    higher_is_better=higher_is_better, resolution=resolution)
     return Verdict(claim, status, paper_order, our, resolution, metric, pairs, note, primary)
