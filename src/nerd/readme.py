@@ -93,6 +93,33 @@ def collect_run(run: Path) -> Path:
     return out
 
 
+def plot_training(prefix: str) -> Path | None:
+    """results/training/<prefix>curves.png: validation PSNR against CPU-hours of the collected runs."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = [json.loads(p.read_text()) for p in sorted((RESULTS / "training").glob(f"{prefix}*.json"))]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for s in runs:
+        ax.plot([r["cpu_s"] / 3600 for r in s["validation"]], [r["val_psnr"] for r in s["validation"]],
+                marker="o", ms=3, label=s["run"])
+    ax.set_xlabel("training CPU-hours (process CPU time)")
+    ax.set_ylabel("validation PSNR (dB), held-out Train400")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = RESULTS / "training" / f"{prefix}curves.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def training_table(prefix: str) -> str:
     """Validation PSNR against CPU-hours for the collected runs whose name starts with `prefix`."""
     rows = []
@@ -172,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for run in args.collect or []:
         print(f"collected {collect_run(Path(run))}")
+    if args.collect:
+        for prefix in ("cpu-", "nerd-"):
+            plot_training(prefix)
     readme = ROOT / "README.md"
     old = readme.read_text()
     new = render(old)

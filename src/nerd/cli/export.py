@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_dict(ckpt["config"])
         model = DEQDenoiser(cfg.model, solver=cfg.solver, grad=cfg.grad)
         model.load_state_dict(ckpt["model"])
-        scores = {"val_psnr": round(ckpt["best_val"], 4), **extra}
+        # the run's best validation figure belongs to best.safetensors, not to these last weights
+        scores = {"run_best_val_psnr": round(ckpt["best_val"], 4), "last_step": ckpt["step"], **extra}
         train_meta = {"run": run_dir.name, "step": ckpt["step"], "hours": round(ckpt["elapsed_s"] / 3600, 3),
                       "crops": ckpt["step"] * cfg.train.batch, "config": config_to_dict(cfg)}
         sigma = cfg.train.sigma[0]
