@@ -105,3 +105,16 @@ def test_shapes_beyond_two_dimensions():
     z, stats = broyden(g, torch.zeros(2, 2, 3, 4, dtype=torch.float64), max_iter=60, tol=1e-9, memory=30)
     assert z.shape == (2, 2, 3, 4)
     torch.testing.assert_close(z.reshape(2, -1), z_star, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(SOLVER_CALLS))
+def test_mixed_batch_one_sample_converges_one_diverges(name):
+    """Sample 0 is a contraction, sample 1 blows up to inf: each gets its own outcome, nothing is NaN."""
+
+    def f(z):
+        return torch.stack([0.5 * z[0] + 1.0, 10 * torch.exp(z[1])])
+
+    z, stats = SOLVER_CALLS[name](f, torch.zeros(2, 4, dtype=torch.float64), 1e-8)
+    assert stats.converged.tolist() == [True, False]
+    torch.testing.assert_close(z[0], torch.full((4,), 2.0, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert torch.isfinite(z).all() and torch.isfinite(stats.rel_residual).all()

@@ -15,9 +15,9 @@ from nerd.train import NonFiniteLoss, lr_at, train
 from nerd.weights import load_weights
 
 
-def tiny_config(folder, steps=6) -> Config:
+def tiny_config(folder, steps=6, dropout=0.0) -> Config:
     return Config(
-        model=preset_config("tiny"),
+        model=preset_config("tiny", dropout=dropout),
         solver=SolverConfig(max_iter=4, tol=1e-3),
         grad=GradConfig(steps=2),
         train=TrainConfig(data=str(folder), sigma=(25.0,), crop=16, batch=2, steps=steps, lr=1e-3,
@@ -39,7 +39,7 @@ def test_run_writes_logs_checkpoint_best_weights(image_folder, tmp_path):
 
 
 def test_resume_reproduces_uninterrupted_run(image_folder, tmp_path):
-    cfg = tiny_config(image_folder, steps=6)
+    cfg = tiny_config(image_folder, steps=6, dropout=0.2)  # dropout: the global RNG state must be restored too
     full = train(cfg, out=tmp_path / "full", progress=False)
     part = train(cfg, out=tmp_path / "part", stop_after=3, progress=False)
     assert torch.load(part / "last.pt", weights_only=False)["step"] == 3

@@ -32,6 +32,18 @@ def setup() -> tuple[int, int, torch.device | None]:
     return rank, world, device
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank: ranks must stop (or fail) at the same step, or the
+    others would wait forever in the next gradient all-reduce."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the batch over all ranks (CPU-friendly SyncBatchNorm)."""
 

@@ -188,7 +188,7 @@ def train(
             for name in ("log.csv", "val.csv"):
                 (run / name).unlink(missing_ok=True)
 
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed + rank)  # init: DDP broadcasts rank 0's; dropout masks: independent per rank
     data_root = Path(t.data) if t.data else default_data_root() / "Train400"
     train_images, val_images, _ = load_folder(data_root, t.val_images)
     total = t.total_steps(len(train_images))
@@ -219,6 +219,8 @@ def train(
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["rng"]["data"])
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
         step, elapsed, cpu, best = ckpt["step"], ckpt["elapsed_s"], ckpt.get("cpu_s", 0.0), ckpt["best_val"]
         if rank == 0:
             _truncate_csv(run / "log.csv", step)
@@ -229,7 +231,7 @@ def train(
 
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     if t.compile:
-        model.layer = torch.compile(model.layer)  # type: ignore[assignment]
+        model.layer.compile()  # in place: state-dict keys (checkpoints, exported weights) stay the same
     amp = t.amp == "on" or (t.amp == "auto" and dev.type == "cuda")
     train_solver = replace(cfg.solver, max_iter=t.train_iters) if t.train_iters else cfg.solver
 
@@ -241,7 +243,8 @@ def train(
                 "config": config_to_dict(cfg),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "rng": {"data": generator.get_state(), "torch": torch.get_rng_state()},
+                "rng": {"data": generator.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None},
                 "step": step,
                 "elapsed_s": elapsed,
                 "cpu_s": cpu,
@@ -256,8 +259,7 @@ def train(
             return
         rows = []
         for s, pairs in val_sets.items():
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                stats = validate(model, pairs, s, dev)
+            stats = validate(model, pairs, s, dev)  # full precision: it selects the best weights
             rows.append(stats)
             _append_csv(run / "val.csv", VAL_FIELDS, {"step": step, "elapsed_s": round(elapsed, 1),
                                                      "cpu_s": round(cpu, 1), "sigma": s,
@@ -271,6 +273,7 @@ def train(
                        "cpu_hours": round(cpu / 3600, 3),
                                 "crops": step * t.batch, "config": config_to_dict(cfg)})
         plot_curve(run)
+        checkpoint()  # so that best.safetensors is never ahead of the resumable state
 
     # SIGTERM / SIGINT finish the current step, write the checkpoint and return: nothing is lost.
     stop = {"signal": None}
@@ -301,8 +304,8 @@ def train(
                 eq = model.equilibrium(y, sigma, solver=train_solver) if world == 1 else None
                 x_hat = eq.x_hat if eq is not None else net(y, sigma, solver=train_solver)
             loss = F.mse_loss(x_hat.float(), x)  # eq. (6): ||n - n_hat||^2 = ||x - x_hat||^2
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; kept the checkpoint of step "
+            if distributed.any_rank(not bool(torch.isfinite(loss)), dev):
+                raise NonFiniteLoss(f"loss is not finite at step {step} (on some rank); kept the checkpoint of step "
                                     f"{torch.load(ckpt_path, weights_only=False)['step'] if ckpt_path.exists() else 0}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -336,9 +339,11 @@ def train(
             budget_spent = (max_minutes is not None and time.monotonic() - started > 60 * max_minutes) or (
                 max_cpu_minutes is not None and cpu > 60 * max_cpu_minutes
             )
+            budget_spent = distributed.any_rank(budget_spent, dev)
             if budget_spent and step < total and t.val_every and step % t.val_every:
                 run_validation()  # a budgeted run ends with a validation figure (a comparison's end point)
-            if stop["signal"] is not None or (stop_after is not None and step >= stop_after) or budget_spent:
+            stop_now = stop["signal"] is not None or (stop_after is not None and step >= stop_after) or budget_spent
+            if distributed.any_rank(stop_now, dev):
                 break
         if step >= total and not finished_before:
             run_validation()

@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from nerd.config import load_config
     from nerd.train import NonFiniteLoss, resolved_config, train
 
+    if args.resume and (args.steps is not None or args.data is not None):
+        raise UserError("--resume continues a run with the config saved in it; --steps/--data cannot change it")
     path = Path(args.config)
     if not path.is_file():
         raise UserError(f"config not found: {path}")

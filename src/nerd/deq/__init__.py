@@ -1,10 +1,9 @@
 """The DEQ engine: fixed-point solvers and gradients through equilibria. It knows nothing about images."""
 
 from nerd.deq.grad import damped_steps, implicit_grad, phantom_grad, unrolled
-from nerd.deq.solvers import SOLVERS, SolverStats, anderson, broyden, fixed_point, solve
+from nerd.deq.solvers import SolverStats, anderson, broyden, fixed_point, solve
 
 __all__ = [
-    "SOLVERS",
     "SolverStats",
     "anderson",
     "broyden",

@@ -268,9 +268,3 @@ def solve(f: Map, z0: Tensor, cfg: SolverConfig) -> tuple[Tensor, SolverStats]:
         return fixed_point(f, z0, max_iter=cfg.max_iter, tol=cfg.tol, damping=cfg.damping)
     raise KeyError(f"unknown solver {cfg.name!r}; choose broyden, anderson or fixed_point")
 
-
-SOLVERS: dict[str, Callable[..., tuple[Tensor, SolverStats]]] = {
-    "broyden": broyden,
-    "anderson": anderson,
-    "fixed_point": fixed_point,
-}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import torch
+
 from nerd.config import GradConfig, ModelConfig, SolverConfig
 from nerd.models.base import Denoiser
 from nerd.models.nerd import DEQDenoiser, Equilibrium
@@ -16,7 +20,7 @@ def create_model(
     **overrides: object,
 ) -> DEQDenoiser:
     """Build NERD from a preset name (or a ModelConfig) with `overrides` of its fields."""
-    cfg = preset_config(preset, **overrides) if isinstance(preset, str) else preset
+    cfg = preset_config(preset, **overrides) if isinstance(preset, str) else replace(preset, **overrides)  # type: ignore[arg-type]
     return DEQDenoiser(cfg, solver=solver, grad=grad)
 
 

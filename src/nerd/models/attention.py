@@ -43,8 +43,12 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _window_bias(h: int, w: int, r: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Cached additive (HW, HW) window mask: a solve evaluates f many times on one image size."""
-    return _additive(_window_mask(h, w, r, device), dtype)
+    """Cached additive (HW, HW) window mask: a solve evaluates f many times on one image size.
+
+    Built outside inference mode, so a mask cached by `torch.inference_mode()` denoising can still be saved for
+    backward by a later training step."""
+    with torch.inference_mode(False):
+        return _additive(_window_mask(h, w, r, device), dtype)
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -166,28 +166,41 @@ class DEQDenoiser(Denoiser):
             s = self.inject(y)
             mask = self.layer.new_dropout_mask(s)
 
+            # Under autocast only f runs in low precision; the solver's own arithmetic (Broyden's low-rank
+            # products, Anderson's mixing, the damped steps) stays in the state's dtype (>= fp32).
+            dev = y.device.type
+            amp = torch.is_autocast_enabled(dev)
+            amp_dtype = torch.get_autocast_dtype(dev)
+
             def f(z: Tensor) -> Tensor:
-                return self.layer(z, s, mask).to(z.dtype)
+                with torch.autocast(dev, dtype=amp_dtype, enabled=amp):
+                    return self.layer(z, s, mask).to(z.dtype)
 
             z0 = torch.zeros_like(s, dtype=torch.promote_types(s.dtype, torch.float32))  # solver state: >= fp32
             grad_on = torch.is_grad_enabled()
-            if grad_on and self.grad.mode == "unrolled":
-                z = unrolled(f, z0, steps=self.grad.steps, damping=self.grad.damping)
-                with torch.no_grad():
-                    _, stats = solve(f, z.detach(), replace(solver, max_iter=1))
-                z_star = z.detach()
-            else:
-                with torch.no_grad():
-                    z_star, stats = solve(f, z0, solver)
-                if not grad_on:
-                    z = z_star
-                elif self.grad.mode == "phantom":
-                    z = phantom_grad(f, z_star, steps=self.grad.steps, damping=self.grad.damping)
-                else:
-                    z, _ = implicit_grad(f, z_star, backward=self.grad.backward)
+            with torch.autocast(dev, enabled=False):
+                z, z_star, stats = self._solve(f, z0, solver, grad_on)
             out = self.decode(z.to(s.dtype))
         x_hat = y + out if self.cfg.equilibrium == "noise" else out
         return Equilibrium(x_hat=x_hat, z_star=z_star, s=s.detach(), stats=stats)
+
+    def _solve(
+        self, f: Callable[[Tensor], Tensor], z0: Tensor, solver: SolverConfig, grad_on: bool
+    ) -> tuple[Tensor, Tensor, SolverStats]:
+        """(z to decode, z*, stats): the no-grad solve, then the configured gradient's own steps when grad is on."""
+        if grad_on and self.grad.mode == "unrolled":
+            z = unrolled(f, z0, steps=self.grad.steps, damping=self.grad.damping)
+            with torch.no_grad():
+                _, stats = solve(f, z.detach(), replace(solver, max_iter=1))
+            return z, z.detach(), stats
+        with torch.no_grad():
+            z_star, stats = solve(f, z0, solver)
+        if not grad_on:
+            return z_star, z_star, stats
+        if self.grad.mode == "phantom":
+            return phantom_grad(f, z_star, steps=self.grad.steps, damping=self.grad.damping), z_star, stats
+        z, _ = implicit_grad(f, z_star, backward=self.grad.backward)
+        return z, z_star, stats
 
     def forward(
         self, y: Tensor, sigma: float | Tensor | None = None, *, solver: SolverConfig | None = None

@@ -20,16 +20,17 @@ from typing import Any
 import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent
-FORMAT = "nerd-1"
+FORMAT = "nerd-2"  # nerd-1 files (checksum over the tensors only) still load
 
 
 class WeightsError(ValueError):
     """Unknown, unreadable or corrupt weights."""
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """Checksum of a state dict: names, dtypes, shapes and bytes, in sorted order."""
-    h = hashlib.sha256()
+def tensors_sha256(tensors: dict[str, torch.Tensor], header: str = "") -> str:
+    """Checksum of a state dict (names, dtypes, shapes and bytes, in sorted order) and of `header`, the canonical
+    text of the metadata that decides the architecture (model, solver, sigma): editing either is detected."""
+    h = hashlib.sha256(header.encode())
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -74,7 +75,6 @@ def save_weights(
     from nerd.config import dumps
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    digest = tensors_sha256(tensors)
     meta = {
         "format": FORMAT,
         "model": dumps(model.cfg),
@@ -82,8 +82,9 @@ def save_weights(
         "sigma": str(float(sigma255)),
         "scores": json.dumps(scores or {}, sort_keys=True),
         "train": json.dumps(train or {}, sort_keys=True),
-        "sha256": digest,
     }
+    digest = tensors_sha256(tensors, _header(meta))
+    meta["sha256"] = digest
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -97,6 +98,11 @@ def save_weights(
     return digest
 
 
+def _header(meta: dict[str, str]) -> str:
+    """The checksummed metadata: what rebuilds the model and what its outputs mean."""
+    return "|".join(meta[k] for k in ("format", "model", "solver", "sigma"))
+
+
 def read_metadata(name_or_path: str | os.PathLike[str]) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -106,7 +112,7 @@ def read_metadata(name_or_path: str | os.PathLike[str]) -> dict[str, str]:
             meta = fh.metadata() or {}
     except Exception as err:  # safetensors raises several error types for a damaged header
         raise WeightsError(f"cannot read weights {path}: {err}") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, "nerd-1"):
         raise WeightsError(f"{path} is not a nerd weights file (format {meta.get('format')!r})")
     return meta
 
@@ -128,8 +134,11 @@ def load_weights(name_or_path: str | os.PathLike[str], *, device: str | torch.de
         tensors = load_file(str(path))
     except Exception as err:
         raise WeightsError(f"cannot read weights {path}: {err}") from None
-    if tensors_sha256(tensors) != meta.get("sha256"):
-        raise WeightsError(f"checksum mismatch: {path} is corrupt (tensors do not match their recorded sha256)")
+    header = "" if meta["format"] == "nerd-1" else _header(meta)
+    if tensors_sha256(tensors, header) != meta.get("sha256"):
+        raise WeightsError(
+            f"checksum mismatch: {path} is corrupt (tensors or model metadata do not match the recorded sha256)"
+        )
     model = DEQDenoiser(model_config_from_json(meta["model"]), solver=solver_config_from_json(meta["solver"]))
     model.load_state_dict(tensors, strict=True)
     info: dict[str, Any] = {
