@@ -93,6 +93,34 @@ def collect_run(run: Path) -> Path:
     return out
 
 
+def val_reference(sigma255: float, crop: int = 96, holdout: int = 8) -> Path:
+    """Noisy input, DnCNN-S and BM3D on the training runs' validation crops (held-out Train400) at `sigma255`:
+    the scale on which the runs' validation PSNR can be read. Writes results/training/val-reference-s<S>.json."""
+    import math
+
+    import torch
+
+    from nerd.data.patches import load_folder, validation_pairs
+    from nerd.evaluate import default_data_root
+    from nerd.models.bm3d import BM3D
+    from nerd.models.dncnn import load_dncnn
+
+    _, val, _ = load_folder(default_data_root() / "Train400", holdout)
+    methods = {"noisy": lambda y, s: y, "dncnn": load_dncnn(round(sigma255)).eval(), "bm3d": BM3D()}
+    scores = {}
+    with torch.no_grad():
+        for name, method in methods.items():
+            psnrs = []
+            for x, y in validation_pairs(val, sigma255, crop):
+                mse = (method(y, sigma255 / 255).clamp(0, 1).double() - x.double()).pow(2).mean().item()
+                psnrs.append(10 * math.log10(1 / mse))
+            scores[name] = sum(psnrs) / len(psnrs)
+    out = RESULTS / "training" / f"val-reference-s{round(sigma255)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"sigma": sigma255, "crop": crop, "images": holdout, "val_psnr": scores}, indent=1))
+    return out
+
+
 def plot_training(prefix: str) -> Path | None:
     """results/training/<prefix>curves.png: validation PSNR against CPU-hours of the collected runs."""
     try:
@@ -134,6 +162,10 @@ def training_table(prefix: str) -> str:
         )
     if not rows:
         return "_no runs collected yet_"
+    for path in sorted((RESULTS / "training").glob("val-reference-s*.json")):
+        ref = json.loads(path.read_text())
+        refs = ", ".join(f"{k} {v:.2f}" for k, v in ref["val_psnr"].items())
+        rows.append(f"| _reference, σ {ref['sigma']:g}_ | same validation crops | | | | | | {refs} |")
     head = [
         "| run | channels / heads / q | crop × batch | Broyden / phantom T | crops | CPU-hours | best val PSNR (dB) "
         "| val PSNR @ CPU-hours |",
@@ -196,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nerd.readme", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
     parser.add_argument("--collect", nargs="+", metavar="RUN", help="summarise training runs into results/training")
+    parser.add_argument("--val-reference", nargs="+", type=float, metavar="SIGMA",
+                        help="score noisy / DnCNN-S / BM3D on the runs' validation crops at these sigmas")
     args = parser.parse_args(argv)
+    for sigma in args.val_reference or []:
+        print(f"wrote {val_reference(sigma)}")
     for run in args.collect or []:
         print(f"collected {collect_run(Path(run))}")
     if args.collect:
