@@ -91,6 +91,7 @@ def save_weights(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are meant to be shared and packaged
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
