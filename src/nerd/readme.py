@@ -63,7 +63,8 @@ def results_table() -> str:
             secs = f"{nerd['means']['seconds']:.1f}" if nerd else "–"
             paper = PAPER_NERD.get((set_name, sigma))
             paper_cell = f"{paper[0]:.2f} / {paper[1]:.4f}" if paper else "–"
-            lines.append(f"| {set_name} | {sigma} | {cells[0]} | {iters} | {secs} | {cells[1]} | {cells[2]} | {paper_cell} |")
+            row = [set_name, str(sigma), cells[0], iters, secs, cells[1], cells[2], paper_cell]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
