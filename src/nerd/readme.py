@@ -183,8 +183,9 @@ def model_card() -> str:
         meta = read_metadata(path)
         cfg, train, scores = json.loads(meta["model"]), json.loads(meta["train"]), json.loads(meta["scores"])
         model = f"{cfg['channels']} ch, {cfg['heads']} heads, q {cfg['window']}"
+        init = train.get("config", {}).get("train", {}).get("init", "")
         trained = (f"{train.get('crops', 0):,} crops, {train.get('cpu_hours', train.get('hours', 0)):.2f} CPU-h"
-                   + (f", from {Path(train['init']).stem}" if train.get("init") else ""))
+                   + (f", warm-started from run {Path(init).parent.name}" if init else ""))
         lines.append(f"| `{name}` | {float(meta['sigma']):g} | {model} | {trained} | "
                      f"{scores.get('val_psnr', '–')} | `{meta['sha256'][:12]}` |")
     return "\n".join(lines) if len(lines) > 2 else "_no weights shipped yet_"
