@@ -305,8 +305,9 @@ def train(
                 x_hat = eq.x_hat if eq is not None else net(y, sigma, solver=train_solver)
             loss = F.mse_loss(x_hat.float(), x)  # eq. (6): ||n - n_hat||^2 = ||x - x_hat||^2
             if distributed.any_rank(not bool(torch.isfinite(loss)), dev):
-                raise NonFiniteLoss(f"loss is not finite at step {step} (on some rank); kept the checkpoint of step "
-                                    f"{torch.load(ckpt_path, weights_only=False)['step'] if ckpt_path.exists() else 0}")
+                where = f"is {loss.item()}" if not torch.isfinite(loss) else "is not finite on another rank"
+                kept = torch.load(ckpt_path, weights_only=False)["step"] if ckpt_path.exists() else 0
+                raise NonFiniteLoss(f"loss {where} at step {step}; kept the checkpoint of step {kept}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip > 0:
