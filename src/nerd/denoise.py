@@ -48,12 +48,6 @@ def estimate_sigma255(y: np.ndarray) -> float:
     return float(estimate_sigma(np.asarray(y, dtype=np.float64), channel_axis=None)) * 255.0
 
 
-def psnr(x: np.ndarray, ref: np.ndarray) -> float:
-    """PSNR in dB of x against ref, both (H, W) on [0, 1]."""
-    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(ref, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
-
-
 # Bytes allowed for the solver's history (Broyden's u/v pairs, Anderson's past iterates) on large images.
 STATE_BUDGET = 4 * 2**30
 

@@ -236,8 +236,8 @@ def run(args: argparse.Namespace) -> int:
         describe,
         estimate_sigma255,
     )
-    from nerd.denoise import psnr as psnr_db
     from nerd.io import ImageError, output_format, read_image, to_pixels, write_image
+    from nerd.metrics import psnr as psnr_db
 
     sigma = _parse_sigma(args.sigma)
     iters = _number(args.iters, "--iters", int, 1)
