@@ -108,12 +108,17 @@ def test_bench_writes_every_section(bench_run):
     cases = res["memory"]["cases"]
     assert len(cases) == 5 and all(c["peak_mib"] >= 0 and c["seconds"] > 0 for c in cases)
     assert len(res["adaptive"]["images"]) == 8
+    options = {(r["case"], r["option"]) for r in res["options"]}
+    assert ("patch", "bf16 autocast") in options and ("image", "attention tiles 8² (default 16²)") in options
+    for r in res["options"]:  # every option computes the same f: fp32 ones to rounding, bf16 to its precision
+        assert r["error"] is None, r
+        assert r["max_rel_diff"] < (5e-2 if r["option"] == "bf16 autocast" else 1e-4), r
     assert len(res["targets"]) == 5 and all(t["met"] in (True, False, None) for t in res["targets"])
 
 
 def test_markdown_tables_render_the_results(bench_run):
     text = markdown_tables(bench_run)
-    for head in ("The machine's limit", "f-evaluation", "Inference", "Solvers", "Peak memory",
+    for head in ("The machine's limit", "f-evaluation", "Optimisations tried", "Inference", "Solvers", "Peak memory",
                  "Adaptive stopping", "Targets"):
         assert head in text
     assert "| nerd 17 it | 17 |" in text

@@ -15,6 +15,9 @@ Sections of one run (all on one machine, in one process, so ratios are taken sid
 * ``memory``: peak memory of inference at 4 vs 17 iterations and of one training step (phantom / implicit /
   unrolled); each case runs in a fresh subprocess (see `_memory_child`).
 * ``adaptive``: per-image stopping on the relative residual vs a fixed 17 iterations on held-out Train400 images.
+* ``options``: the optimisations tried on one f-evaluation (bf16 autocast, channels_last, torch.compile, attention
+  tile sizes, weight norm recomputed per call), each timed against the plain fp32 layer in the same round robin and
+  checked to give the same output.
 
 Timing: `time.perf_counter`, `torch.cuda.synchronize()` around each call on CUDA, median of `repeats` calls after
 `warmup` calls; the methods of a comparison run interleaved (round robin), so a noisy neighbour hits all alike.
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -164,6 +168,7 @@ class BenchSettings:
         solver_cap: f-evaluation cap of the solver comparison.
         matmul_n: side of the square matmuls.
         paper_feval: also time the paper preset's f-evaluation (random weights: speed does not depend on them).
+        options_compile: include torch.compile among the options (compiling takes a minute or more on a CPU).
         val_images: held-out Train400 images of the adaptive-stopping section.
         sections: the sections to run.
     """
@@ -181,6 +186,7 @@ class BenchSettings:
     solver_cap: int = 30
     matmul_n: int = 2048
     paper_feval: bool = True
+    options_compile: bool = True
     val_images: int = 8
     sections: tuple[str, ...] = SECTIONS
 
@@ -189,7 +195,8 @@ class BenchSettings:
         """The full run (whole images, paper and shipped presets) or --quick (64² crops, shipped model only)."""
         base: dict[str, Any] = {"matmul_n": 2048 if device == "cpu" else 8192}
         if quick:
-            base.update(quick=True, repeats=2, crop=64, patch=32, feval_image=64, solver_cap=17, paper_feval=False)
+            base.update(quick=True, repeats=2, crop=64, patch=32, feval_image=64, solver_cap=17, paper_feval=False,
+                        options_compile=False)
         return cls(device=device, **{**base, **overrides})
 
 
@@ -257,6 +264,78 @@ def bench_feval(
                     "flops": useful, "gflops": gflops, "gflops_computed": computed / sec / 1e9,
                     "fraction_of_matmul": gflops / mm if mm else None,
                 })
+    return rows
+
+
+def _option_layers(layer: torch.nn.Module, s: BenchSettings, image: bool) -> dict[str, Callable[..., Any]]:
+    """The variants of `bench_options`: name -> call(z, u); every one computes the same f as the baseline."""
+    import copy
+
+    def plain(mod: torch.nn.Module, bf16: bool = False, cached: bool = True) -> Callable[[Tensor, Tensor], Tensor]:
+        def call(z: Tensor, u: Tensor) -> Tensor:
+            amp = torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16)
+            with torch.no_grad(), amp, (parametrize.cached() if cached else nullcontext()):
+                return mod(z, u).float()
+
+        return call
+
+    out: dict[str, Callable[..., Any]] = {
+        "fp32 (baseline)": plain(layer),
+        "bf16 autocast": plain(layer, bf16=True),
+        "weight norm recomputed per f-eval": plain(layer, cached=False),
+    }
+    last = copy.deepcopy(layer).to(memory_format=torch.channels_last)
+    cl = plain(last)
+    out["channels_last"] = lambda z, u: cl(z.contiguous(memory_format=torch.channels_last),
+                                           u.contiguous(memory_format=torch.channels_last))
+    if image:  # tile sizes only matter where the attention is tiled (the image case)
+        for block in (8, 32):
+            tiled = copy.deepcopy(layer)
+            tiled.msa.block = block
+            out[f"attention tiles {block}² (default {layer.msa.block}²)"] = plain(tiled)
+    if s.options_compile:
+        out["torch.compile"] = plain(torch.compile(copy.deepcopy(layer), dynamic=False))
+    return out
+
+
+def bench_options(
+    models: dict[str, DEQDenoiser], cases: list[tuple[str, int, int]], device: torch.device, s: BenchSettings,
+    log: Log = print,
+) -> list[dict[str, Any]]:
+    """Tried optimisations of one f-evaluation, per (model, case): ms, speed-up over the plain fp32 layer timed in
+    the same round robin, and the largest output difference from it (bf16 differs by rounding; the rest must agree
+    to fp32 rounding). A variant that fails (e.g. torch.compile without a compiler) is recorded with its error."""
+    rows = []
+    for preset, model in models.items():
+        layer = model.layer.eval()
+        cfg = model.cfg
+        for label, side, batch in cases:
+            gen = torch.Generator().manual_seed(0)
+            z = torch.randn(batch, cfg.channels, side, side, generator=gen).to(device)
+            u = torch.randn(batch, cfg.channels, side, side, generator=gen).to(device)
+            variants = _option_layers(layer, s, image=label == "image")
+            ref = variants["fp32 (baseline)"](z, u)
+            calls, errors, diffs = {}, {}, {}
+            for name, fn in variants.items():
+                try:
+                    sec, got = timed(lambda fn=fn: fn(z, u), device)  # first call: compiles where it compiles
+                    diffs[name] = float((got - ref).abs().max() / ref.abs().max())
+                    calls[name] = lambda fn=fn: fn(z, u)
+                    if name == "torch.compile":
+                        log(f"options: torch.compile of {preset} {label}: first call {sec:.1f} s")
+                except Exception as err:  # noqa: BLE001 (a failed option is a result, not a crash)
+                    errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            timings = interleaved(calls, device, s.repeats, s.warmup)
+            base = _median(timings["fp32 (baseline)"][0])
+            for name in variants:
+                row: dict[str, Any] = {"preset": preset, "case": label, "batch": batch, "h": side, "w": side,
+                                       "option": name}
+                if name in errors:
+                    row.update(ms=None, speedup=None, max_rel_diff=None, error=errors[name])
+                else:
+                    sec = _median(timings[name][0])
+                    row.update(ms=1e3 * sec, speedup=base / sec, max_rel_diff=diffs[name], error=None)
+                rows.append(row)
     return rows
 
 
@@ -584,6 +663,18 @@ def run_bench(
         cases = [("patch", patch, s.patch_batch), ("image", s.crop or s.feval_image, 1)]
         res["feval"] = bench_feval(models, cases, device, s, res.get("machine"))
         show("feval")
+    if "options" in s.sections:
+        models = {}
+        if s.paper_feval:
+            from nerd.models import create_model
+
+            models["paper"] = create_model("paper").to(device).eval()
+        if subject is not None:
+            models[subject.name] = subject.model
+        patch = min(s.patch, s.crop) if s.crop else s.patch
+        cases = [("patch", patch, s.patch_batch), ("image", s.crop or s.feval_image, 1)]
+        res["options"] = bench_options(models, cases, device, s, log)
+        show("options")
     images: list[dict[str, Any]] = []
     if {"inference", "solvers"} & set(s.sections):
         images, more = inference_images(data_root, sigma255, s.crop)

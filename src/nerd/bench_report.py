@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("machine", "feval", "inference", "solvers", "memory", "adaptive")
+SECTIONS = ("machine", "feval", "options", "inference", "solvers", "memory", "adaptive")
 
 
 TARGETS = (
@@ -148,6 +148,17 @@ def render_section(res: dict[str, Any], name: str) -> str:
         return ("### One f-evaluation of the implicit layer\n\n" + _table(head, rows, "lllrrrrr")
                 + "\nUseful FLOPs: `implicit_layer_flops` (windows truncated at the border); computed: what the "
                 "attention kernel does, masked and padded keys included.\n")
+    if name == "options":
+        rows = [[r["preset"], f"{r['case']} {r['batch']}×{r['h']}²", r["option"], _f(r["ms"], ".1f"),
+                 _f(r["speedup"], ".2f") + ("×" if r["speedup"] is not None else ""),
+                 _f(r["max_rel_diff"], ".1e") if not r["error"] else f"failed: {r['error']}"]
+                for r in data]
+        return ("### Optimisations tried on one f-evaluation\n\n"
+                + _table(["model", "input", "option", "ms", "speed-up vs fp32", "max rel. difference"], rows,
+                         "llllrr")
+                + "\nEach option is timed in the same round robin as the plain fp32 layer (weight norm computed once "
+                "per forward, the default); speed-up > 1 is faster. The difference is max |f - f_fp32| / max |f_fp32| "
+                "on the same input. What is kept and why: see *Performance notes*.\n")
     if name == "inference":
         parts = ["### Inference (seconds per image, protocol noise)\n"]
         for im in data:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-SECTIONS = ("machine", "feval", "inference", "solvers", "memory", "adaptive")
+from nerd.bench_report import SECTIONS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
