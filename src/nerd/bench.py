@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -235,35 +235,60 @@ def bench_matmul(device: torch.device, n: int, repeats: int, warmup: int) -> dic
     return out
 
 
+def _layer_inputs(channels: int, side: int, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Seeded (z, u) of shape (batch, channels, side, side): the inputs of a timed f-evaluation."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(batch, channels, side, side, generator=gen)
+    return z.to(device), torch.randn(batch, channels, side, side, generator=gen).to(device)
+
+
+def _feval_cases(
+    models: dict[str, DEQDenoiser], cases: list[tuple[str, int, int]], device: torch.device
+) -> Iterator[tuple[str, torch.nn.Module, ModelConfig, tuple[str, int, int], Tensor, Tensor]]:
+    """(preset, layer in eval mode, config, case, z, u) for every model and case."""
+    for preset, model in models.items():
+        for case in cases:
+            yield (preset, model.layer.eval(), model.cfg, case, *_layer_inputs(model.cfg.channels, case[1], case[2],
+                                                                               device))
+
+
+def _feval_subjects(subject: Subject | None, s: BenchSettings, device: torch.device) -> tuple[
+        dict[str, DEQDenoiser], list[tuple[str, int, int]]]:
+    """The models (paper preset with random weights, the subject) and cases (patch batch, image) of an f-evaluation."""
+    models: dict[str, DEQDenoiser] = {}
+    if s.paper_feval:
+        from nerd.models import create_model
+
+        models["paper"] = create_model("paper").to(device).eval()
+    if subject is not None:
+        models[subject.name] = subject.model
+    patch = min(s.patch, s.crop) if s.crop else s.patch
+    return models, [("patch", patch, s.patch_batch), ("image", s.crop or s.feval_image, 1)]
+
+
 def bench_feval(
     models: dict[str, DEQDenoiser], cases: list[tuple[str, int, int]], device: torch.device, s: BenchSettings,
     matmul: dict[str, Any] | None,
 ) -> list[dict[str, Any]]:
     """One f-evaluation `layer(z, s)` per (model, case (label, side, batch), dtype)."""
     rows = []
-    for preset, model in models.items():
-        layer = model.layer.eval()
-        cfg = model.cfg
-        for label, side, batch in cases:
-            gen = torch.Generator().manual_seed(0)
-            z = torch.randn(batch, cfg.channels, side, side, generator=gen).to(device)
-            u = torch.randn(batch, cfg.channels, side, side, generator=gen).to(device)
-            useful = implicit_layer_flops(cfg, side, side, batch)
-            computed = useful["total"] - useful["attention"] + attention_flops_computed(cfg, side, side, batch)
-            for dtype in ("fp32", "bf16"):
-                amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-                with torch.no_grad(), parametrize.cached(), amp:
-                    call = {dtype: lambda layer=layer, z=z, u=u: layer(z, u)}
-                    secs, _ = interleaved(call, device, s.repeats, s.warmup)[dtype]
-                sec = _median(secs)
-                mm = (matmul or {}).get(dtype, {}).get("gflops")
-                gflops = useful["total"] / sec / 1e9
-                rows.append({
-                    "preset": preset, "case": label, "batch": batch, "h": side, "w": side, "dtype": dtype,
-                    "ms": 1e3 * sec, "gflop": useful["total"] / 1e9, "gflop_computed": computed / 1e9,
-                    "flops": useful, "gflops": gflops, "gflops_computed": computed / sec / 1e9,
-                    "fraction_of_matmul": gflops / mm if mm else None,
-                })
+    for preset, layer, cfg, (label, side, batch), z, u in _feval_cases(models, cases, device):
+        useful = implicit_layer_flops(cfg, side, side, batch)
+        computed = useful["total"] - useful["attention"] + attention_flops_computed(cfg, side, side, batch)
+        for dtype in ("fp32", "bf16"):
+            amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+            with torch.no_grad(), parametrize.cached(), amp:
+                call = {dtype: lambda layer=layer, z=z, u=u: layer(z, u)}
+                secs, _ = interleaved(call, device, s.repeats, s.warmup)[dtype]
+            sec = _median(secs)
+            mm = (matmul or {}).get(dtype, {}).get("gflops")
+            gflops = useful["total"] / sec / 1e9
+            rows.append({
+                "preset": preset, "case": label, "batch": batch, "h": side, "w": side, "dtype": dtype,
+                "ms": 1e3 * sec, "gflop": useful["total"] / 1e9, "gflop_computed": computed / 1e9,
+                "flops": useful, "gflops": gflops, "gflops_computed": computed / sec / 1e9,
+                "fraction_of_matmul": gflops / mm if mm else None,
+            })
     return rows
 
 
@@ -306,36 +331,30 @@ def bench_options(
     the same round robin, and the largest output difference from it (bf16 differs by rounding; the rest must agree
     to fp32 rounding). A variant that fails (e.g. torch.compile without a compiler) is recorded with its error."""
     rows = []
-    for preset, model in models.items():
-        layer = model.layer.eval()
-        cfg = model.cfg
-        for label, side, batch in cases:
-            gen = torch.Generator().manual_seed(0)
-            z = torch.randn(batch, cfg.channels, side, side, generator=gen).to(device)
-            u = torch.randn(batch, cfg.channels, side, side, generator=gen).to(device)
-            variants = _option_layers(layer, s, image=label == "image")
-            ref = variants["fp32 (baseline)"](z, u)
-            calls, errors, diffs = {}, {}, {}
-            for name, fn in variants.items():
-                try:
-                    sec, got = timed(lambda fn=fn: fn(z, u), device)  # first call: compiles where it compiles
-                    diffs[name] = float((got - ref).abs().max() / ref.abs().max())
-                    calls[name] = lambda fn=fn: fn(z, u)
-                    if name == "torch.compile":
-                        log(f"options: torch.compile of {preset} {label}: first call {sec:.1f} s")
-                except Exception as err:  # noqa: BLE001 (a failed option is a result, not a crash)
-                    errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-            timings = interleaved(calls, device, s.repeats, s.warmup)
-            base = _median(timings["fp32 (baseline)"][0])
-            for name in variants:
-                row: dict[str, Any] = {"preset": preset, "case": label, "batch": batch, "h": side, "w": side,
-                                       "option": name}
-                if name in errors:
-                    row.update(ms=None, speedup=None, max_rel_diff=None, error=errors[name])
-                else:
-                    sec = _median(timings[name][0])
-                    row.update(ms=1e3 * sec, speedup=base / sec, max_rel_diff=diffs[name], error=None)
-                rows.append(row)
+    for preset, layer, _cfg, (label, side, batch), z, u in _feval_cases(models, cases, device):
+        variants = _option_layers(layer, s, image=label == "image")
+        ref = variants["fp32 (baseline)"](z, u)
+        calls, errors, diffs = {}, {}, {}
+        for name, fn in variants.items():
+            try:
+                sec, got = timed(lambda fn=fn, z=z, u=u: fn(z, u), device)  # first call: compiles here
+                diffs[name] = float((got - ref).abs().max() / ref.abs().max())
+                calls[name] = lambda fn=fn, z=z, u=u: fn(z, u)
+                if name == "torch.compile":
+                    log(f"options: torch.compile of {preset} {label}: first call {sec:.1f} s")
+            except Exception as err:  # noqa: BLE001 (a failed option is a result, not a crash)
+                errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        timings = interleaved(calls, device, s.repeats, s.warmup)
+        base = _median(timings["fp32 (baseline)"][0])
+        for name in variants:
+            row: dict[str, Any] = {"preset": preset, "case": label, "batch": batch, "h": side, "w": side,
+                                   "option": name}
+            if name in errors:
+                row.update(ms=None, speedup=None, max_rel_diff=None, error=errors[name])
+            else:
+                sec = _median(timings[name][0])
+                row.update(ms=1e3 * sec, speedup=base / sec, max_rel_diff=diffs[name], error=None)
+            rows.append(row)
     return rows
 
 
@@ -650,29 +669,13 @@ def run_bench(
         res["machine"] = bench_matmul(device, s.matmul_n, s.repeats, s.warmup)
         show("machine")
     if "feval" in s.sections:
-        models: dict[str, DEQDenoiser] = {}
-        if s.paper_feval:
-            from nerd.models import create_model
-
-            models["paper"] = create_model("paper").to(device).eval()
-        if subject is not None:
-            models[subject.name] = subject.model
-        else:
+        models, cases = _feval_subjects(subject, s, device)
+        if subject is None:
             notes.append("f-eval: no NERD weights (nerd-s25 not shipped, no --weights): the shipped model is skipped")
-        patch = min(s.patch, s.crop) if s.crop else s.patch
-        cases = [("patch", patch, s.patch_batch), ("image", s.crop or s.feval_image, 1)]
         res["feval"] = bench_feval(models, cases, device, s, res.get("machine"))
         show("feval")
     if "options" in s.sections:
-        models = {}
-        if s.paper_feval:
-            from nerd.models import create_model
-
-            models["paper"] = create_model("paper").to(device).eval()
-        if subject is not None:
-            models[subject.name] = subject.model
-        patch = min(s.patch, s.crop) if s.crop else s.patch
-        cases = [("patch", patch, s.patch_batch), ("image", s.crop or s.feval_image, 1)]
+        models, cases = _feval_subjects(subject, s, device)
         res["options"] = bench_options(models, cases, device, s, log)
         show("options")
     images: list[dict[str, Any]] = []
