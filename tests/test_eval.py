@@ -164,6 +164,13 @@ def test_cli_eval_noisy_and_nerd(tmp_path: Path, capsys: pytest.CaptureFixture[s
     printed = capsys.readouterr().out
     assert "Tiny" in printed and "PSNR" in printed
 
+    # --compile: the same solve through a torch.compile'd layer; the scores agree to fp32 rounding
+    assert main([*argv, "--compile"]) == 0
+    compiled = json.loads((out / "eval-nerd-tiny-it3-Tiny-s25.json").read_text())
+    assert compiled["meta"]["compiled"] is True and data["meta"]["compiled"] is False
+    for a, b in zip(data["rows"], compiled["rows"], strict=True):
+        assert a["nfe"] == b["nfe"] and a["psnr"] == pytest.approx(b["psnr"], abs=1e-3)
+
 
 @pytest.mark.parametrize(
     "extra, message",

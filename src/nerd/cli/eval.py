@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tol", type=float, default=None, metavar="T", help="nerd: solver relative tolerance")
     p.add_argument("--solver", choices=("broyden", "anderson", "fixed_point"), default=None,
                    help="nerd: solver")
+    p.add_argument("--compile", action="store_true",
+                   help="nerd: torch.compile the implicit layer (pays on many same-size images: the first image of "
+                   "each size compiles, about 10-30 s on a CPU; see the README's performance notes)")
     p.add_argument("--anchors", default=None, metavar="DIR",
                    help="dncnn: folder of dncnn_sigma*.safetensors "
                    "(default: $NERD_ANCHORS, else ../shared/anchors)")
@@ -48,7 +51,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--sigma must be > 0, got {' '.join(f'{s:g}' for s in args.sigma)}")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
-    nerd_only = {"--weights": args.weights, "--iters": args.iters, "--tol": args.tol, "--solver": args.solver}
+    nerd_only = {"--weights": args.weights, "--iters": args.iters, "--tol": args.tol, "--solver": args.solver,
+                 "--compile": args.compile or None}
     given = [k for k, v in nerd_only.items() if v is not None]
     if args.method != "nerd" and given:
         raise UserError(f"{', '.join(given)} only apply to --method nerd")
@@ -128,11 +132,13 @@ def run(args: argparse.Namespace) -> int:
             solver = dataclasses.replace(model.solver, **given)
         except ValueError as err:
             raise UserError(str(err)) from None
+        if args.compile:
+            model.layer.compile()  # in place: the solver, the statistics and the weights' keys are unchanged
         if info["sigma"] != sigma255:
             print(f"nerd eval: note: weights {info['name']} were trained for sigma {info['sigma']:g}, "
                   f"evaluated at sigma {sigma255:g}", file=sys.stderr)
         meta = {"weights": info["name"], "weights_sigma": info["sigma"], "sha256": info["sha256"],
-                "model": dataclasses.asdict(model.cfg)}
+                "model": dataclasses.asdict(model.cfg), "compiled": args.compile}
         return model, info["name"], meta, solver
 
     loaded = {sigma255: load(sigma255) for sigma255 in args.sigma}  # fail fast, before any long run
