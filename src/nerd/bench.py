@@ -275,11 +275,15 @@ def bench_feval(
     for preset, layer, cfg, (label, side, batch), z, u in _feval_cases(models, cases, device):
         useful = implicit_layer_flops(cfg, side, side, batch)
         computed = useful["total"] - useful["attention"] + attention_flops_computed(cfg, side, side, batch)
-        for dtype in ("fp32", "bf16"):
-            amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+        def call(bf16: bool, layer: torch.nn.Module = layer, z: Tensor = z, u: Tensor = u) -> Tensor:
+            amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
             with torch.no_grad(), parametrize.cached(), amp:
-                call = {dtype: lambda layer=layer, z=z, u=u: layer(z, u)}
-                secs, _ = interleaved(call, device, s.repeats, s.warmup)[dtype]
+                return layer(z, u)
+
+        # both dtypes in one round robin, so that a noisy neighbour hits them alike
+        timings = interleaved({"fp32": lambda: call(False), "bf16": lambda: call(True)}, device, s.repeats, s.warmup)
+        for dtype, (secs, _) in timings.items():
             sec = _median(secs)
             mm = (matmul or {}).get(dtype, {}).get("gflops")
             gflops = useful["total"] / sec / 1e9
