@@ -212,10 +212,20 @@ def _render_meta(res: dict[str, Any]) -> str:
             f"{m['repeats']} run(s) after {m['warmup']} warm-up.\n")
 
 
-def markdown_tables(json_path: str | os.PathLike[str]) -> str:
-    """The README's speed tables (every measured section and the target status) from a bench results JSON."""
+def markdown_tables(json_path: str | os.PathLike[str], link_dir: str | None = None) -> str:
+    """The README's speed tables (every measured section and the target status) from a bench results JSON.
+
+    Args:
+        link_dir: where the document that shows the tables finds the JSON's folder (for the solver plot's link);
+            None: no link.
+    """
     res = json.loads(Path(json_path).read_text())
-    parts = [_render_meta(res)] + [render_section(res, n) for n in (*SECTIONS, "targets")]
+    parts = [_render_meta(res)]
+    for name in (*SECTIONS, "targets"):
+        parts.append(render_section(res, name))
+        plot = (res.get(name) or {}).get("plot") if name == "solvers" else None
+        if plot and link_dir is not None:
+            parts.append(f"![residual per f-evaluation, per solver]({link_dir}/{plot})\n")
     notes = res.get("notes") or []
     if notes:
         parts.append("Notes:\n\n" + "".join(f"- {n}\n" for n in notes))

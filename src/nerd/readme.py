@@ -204,7 +204,7 @@ def speed_tables() -> str:
     full = [f for f in files if not f.stem.endswith("quick")] or files
     if not full:
         return "_no benchmark results yet_"
-    return "\n\n".join(_optional("nerd.bench_report", "markdown_tables", f) for f in full)
+    return "\n\n".join(_optional("nerd.bench_report", "markdown_tables", f, "results/bench") for f in full)
 
 
 BLOCKS = {
