@@ -175,6 +175,14 @@ def training_table(prefix: str) -> str:
     return "\n".join(head + rows)
 
 
+def _init_name(init: str) -> str:
+    """How a run's `init` reads in the model card: a run's exported file names the run, a shipped file its name."""
+    path = Path(init)
+    if path.parent.name == "weights":  # src/nerd/weights/<name>.safetensors: the previously shipped file
+        return f"the earlier shipped {path.stem} (see the training table)"
+    return f"run {path.parent.name}"
+
+
 def model_card() -> str:
     from nerd.weights import read_metadata, shipped
 
@@ -185,7 +193,7 @@ def model_card() -> str:
         model = f"{cfg['channels']} ch, {cfg['heads']} heads, q {cfg['window']}"
         init = train.get("config", {}).get("train", {}).get("init", "")
         trained = (f"{train.get('crops', 0):,} crops, {train.get('cpu_hours', train.get('hours', 0)):.2f} CPU-h"
-                   + (f", warm-started from run {Path(init).parent.name}" if init else ""))
+                   + (f", warm-started from {_init_name(init)}" if init else ""))
         lines.append(f"| `{name}` | {float(meta['sigma']):g} | {model} | {trained} | "
                      f"{scores.get('val_psnr', '–')} | `{meta['sha256'][:12]}` |")
     return "\n".join(lines) if len(lines) > 2 else "_no weights shipped yet_"
