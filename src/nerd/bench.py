@@ -629,6 +629,15 @@ def validation_images(data_root: Path, n: int, sigma255: float, crop: int | None
     return [_image("Train400", p, sigma255, crop) for p in paths]
 
 
+def _weights_sha(subject: Subject | None) -> str | None:
+    """The checksum of the subject's weights file (None: random weights), so a results file names what it measured."""
+    if subject is None or subject.weights_path is None:
+        return None
+    from nerd.weights import read_metadata
+
+    return read_metadata(subject.weights_path).get("sha256")
+
+
 def run_bench(
     subject: Subject | None, s: BenchSettings, *, data_root: Path, out_dir: Path, anchors: str | None = None,
     log: Log = print,
@@ -650,6 +659,7 @@ def run_bench(
         "repeats": s.repeats, "warmup": s.warmup, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": dataclasses.asdict(s), "sigma": sigma255, "tol": tol,
         "model_name": subject.name if subject else "none",
+        "weights_sha256": _weights_sha(subject),
         "model": dataclasses.asdict(subject.model.cfg) if subject else None,
         "solver": dataclasses.asdict(subject.model.solver) if subject else None,
     }}

@@ -208,7 +208,9 @@ def render_section(res: dict[str, Any], name: str) -> str:
 def _render_meta(res: dict[str, Any]) -> str:
     m = res["meta"]
     return (f"Measured by `nerd bench{' --quick' if m['quick'] else ''}` on {m['device_name']} ({m['device']}), "
-            f"torch {m['torch']}, {m['threads']} thread(s), model {m['model_name']}; times are medians of "
+            f"torch {m['torch']}, {m['threads']} thread(s), model {m['model_name']}"
+            + (f" (weights sha256 {m['weights_sha256'][:12]})" if m.get("weights_sha256") else "")
+            + "; times are medians of "
             f"{m['repeats']} run(s) after {m['warmup']} warm-up.\n")
 
 
