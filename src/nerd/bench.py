@@ -266,6 +266,17 @@ def _feval_subjects(subject: Subject | None, s: BenchSettings, device: torch.dev
     return models, [("patch", patch, s.patch_batch), ("image", s.crop or s.feval_image, 1)]
 
 
+def _layer_call(mod: torch.nn.Module, bf16: bool = False, cached: bool = True) -> Callable[[Tensor, Tensor], Tensor]:
+    """call(z, u) -> f: one f-evaluation without autograd, weight norm computed once (`cached`), optionally bf16."""
+
+    def call(z: Tensor, u: Tensor) -> Tensor:
+        amp = torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16)
+        with torch.no_grad(), amp, (parametrize.cached() if cached else nullcontext()):
+            return mod(z, u)
+
+    return call
+
+
 def bench_feval(
     models: dict[str, DEQDenoiser], cases: list[tuple[str, int, int]], device: torch.device, s: BenchSettings,
     matmul: dict[str, Any] | None,
@@ -275,14 +286,10 @@ def bench_feval(
     for preset, layer, cfg, (label, side, batch), z, u in _feval_cases(models, cases, device):
         useful = implicit_layer_flops(cfg, side, side, batch)
         computed = useful["total"] - useful["attention"] + attention_flops_computed(cfg, side, side, batch)
-
-        def call(bf16: bool, layer: torch.nn.Module = layer, z: Tensor = z, u: Tensor = u) -> Tensor:
-            amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-            with torch.no_grad(), parametrize.cached(), amp:
-                return layer(z, u)
-
+        fp32, bf16 = _layer_call(layer), _layer_call(layer, bf16=True)
         # both dtypes in one round robin, so that a noisy neighbour hits them alike
-        timings = interleaved({"fp32": lambda: call(False), "bf16": lambda: call(True)}, device, s.repeats, s.warmup)
+        calls = {"fp32": lambda f=fp32, z=z, u=u: f(z, u), "bf16": lambda f=bf16, z=z, u=u: f(z, u)}
+        timings = interleaved(calls, device, s.repeats, s.warmup)
         for dtype, (secs, _) in timings.items():
             sec = _median(secs)
             mm = (matmul or {}).get(dtype, {}).get("gflops")
@@ -300,14 +307,7 @@ def _option_layers(layer: torch.nn.Module, s: BenchSettings, image: bool) -> dic
     """The variants of `bench_options`: name -> call(z, u); every one computes the same f as the baseline."""
     import copy
 
-    def plain(mod: torch.nn.Module, bf16: bool = False, cached: bool = True) -> Callable[[Tensor, Tensor], Tensor]:
-        def call(z: Tensor, u: Tensor) -> Tensor:
-            amp = torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16)
-            with torch.no_grad(), amp, (parametrize.cached() if cached else nullcontext()):
-                return mod(z, u).float()
-
-        return call
-
+    plain = _layer_call
     out: dict[str, Callable[..., Any]] = {
         "fp32 (baseline)": plain(layer),
         "bf16 autocast": plain(layer, bf16=True),
@@ -342,7 +342,7 @@ def bench_options(
         for name, fn in variants.items():
             try:
                 sec, got = timed(lambda fn=fn, z=z, u=u: fn(z, u), device)  # first call: compiles here
-                diffs[name] = float((got - ref).abs().max() / ref.abs().max())
+                diffs[name] = float((got.float() - ref).abs().max() / ref.abs().max())
                 calls[name] = lambda fn=fn, z=z, u=u: fn(z, u)
                 if name == "torch.compile":
                     log(f"options: torch.compile of {preset} {label}: first call {sec:.1f} s")
@@ -682,14 +682,14 @@ def run_bench(
     if "machine" in s.sections:
         res["machine"] = bench_matmul(device, s.matmul_n, s.repeats, s.warmup)
         show("machine")
-    if "feval" in s.sections:
+    if {"feval", "options"} & set(s.sections):
         models, cases = _feval_subjects(subject, s, device)
+    if "feval" in s.sections:
         if subject is None:
             notes.append("f-eval: no NERD weights (nerd-s25 not shipped, no --weights): the shipped model is skipped")
         res["feval"] = bench_feval(models, cases, device, s, res.get("machine"))
         show("feval")
     if "options" in s.sections:
-        models, cases = _feval_subjects(subject, s, device)
         res["options"] = bench_options(models, cases, device, s, log)
         show("options")
     images: list[dict[str, Any]] = []
