@@ -14,3 +14,13 @@ def test_every_block_is_present():
     text = (readme.ROOT / "README.md").read_text()
     for name in readme.BLOCKS:
         assert f"<!-- BEGIN {name} -->" in text and f"<!-- END {name} -->" in text, name
+
+
+def test_last_doubling_gain_interpolates_at_half_the_cpu_time():
+    from nerd.readme import last_doubling_gain
+
+    curve = [{"cpu_s": 100.0, "val_psnr": 26.0}, {"cpu_s": 300.0, "val_psnr": 27.0}, {"cpu_s": 400.0, "val_psnr": 27.2}]
+    # half of 400 s is 200 s, halfway between the first two validations: 26.5 dB
+    assert abs(last_doubling_gain(curve) - 0.7) < 1e-9
+    assert last_doubling_gain(curve[1:]) is None  # the first validation lies after the half
+    assert last_doubling_gain(curve[:1]) is None

@@ -149,37 +149,54 @@ def plot_training(prefix: str) -> Path | None:
     return out
 
 
+def last_doubling_gain(validation: list[dict[str, float]]) -> float | None:
+    """The learning curve's slope per doubling of compute: validation PSNR at the end minus at half the run's CPU
+    time (linear interpolation between validations); None when no validation lies at or before the half."""
+    points = [(r["cpu_s"], r["val_psnr"]) for r in validation]
+    if len(points) < 2:
+        return None
+    half = points[-1][0] / 2
+    for (c0, v0), (c1, v1) in zip(points, points[1:], strict=False):
+        if c0 <= half <= c1:
+            return points[-1][1] - (v0 + (v1 - v0) * (half - c0) / max(c1 - c0, 1e-9))
+    return None
+
+
 def training_table(prefix: str) -> str:
-    """Validation PSNR against CPU-hours for the collected runs whose name starts with `prefix`."""
+    """Validation PSNR against CPU-hours for the collected runs whose name starts with `prefix`, with the gain over
+    each run's last doubling of CPU time (what doubling it again would give if the curve keeps its slope)."""
     rows = []
     for path in sorted((RESULTS / "training").glob(f"{prefix}*.json")):
         s = json.loads(path.read_text())
         m, t, g = s["config"]["model"], s["config"]["train"], s["config"]["grad"]
         curve = ", ".join(f"{r['val_psnr']:.2f}@{r['cpu_s'] / 3600:.2f}h" for r in s["validation"])
+        gain = last_doubling_gain(s["validation"])
         rows.append(
             f"| {s['run']} | {m['channels']} / {m['heads']} / {m['window']} | {t['crop']}² × {t['batch']} | "
             f"{t.get('train_iters') or s['config']['solver']['max_iter']} / T{g['steps']} | {s['crops']:,} | "
-            f"{s['cpu_hours']:.2f} | {s['best_val_psnr']:.2f} | {curve} |"
+            f"{s['cpu_hours']:.2f} | {s['best_val_psnr']:.2f} | {'–' if gain is None else f'{gain:+.2f}'} | {curve} |"
         )
     if not rows:
         return "_no runs collected yet_"
     for path in sorted((RESULTS / "training").glob("val-reference-s*.json")):
         ref = json.loads(path.read_text())
         refs = ", ".join(f"{k} {v:.2f}" for k, v in ref["val_psnr"].items())
-        rows.append(f"| _reference, σ {ref['sigma']:g}_ | same validation crops | | | | | | {refs} |")
+        rows.append(f"| _reference, σ {ref['sigma']:g}_ | same validation crops | | | | | | | {refs} |")
     head = [
         "| run | channels / heads / q | crop × batch | Broyden / phantom T | crops | CPU-hours | best val PSNR (dB) "
-        "| val PSNR @ CPU-hours |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+        "| gain, last doubling (dB) | val PSNR @ CPU-hours |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     return "\n".join(head + rows)
 
 
-def _init_name(init: str) -> str:
-    """How a run's `init` reads in the model card: a run's exported file names the run, a shipped file its name."""
+def _init_name(init: str, name: str) -> str:
+    """How the `init` of weights `name` reads in the model card: a run's exported file names the run, a shipped
+    file its name (the file as it was when the run started, which a later run may have replaced)."""
     path = Path(init)
-    if path.parent.name == "weights":  # src/nerd/weights/<name>.safetensors: the previously shipped file
-        return f"the earlier shipped {path.stem} (see the training table)"
+    if path.parent.name == "weights":  # src/nerd/weights/<name>.safetensors
+        when = "earlier" if path.stem == name else "then"
+        return f"the {when} shipped {path.stem} (see the training table)"
     return f"run {path.parent.name}"
 
 
@@ -193,7 +210,7 @@ def model_card() -> str:
         model = f"{cfg['channels']} ch, {cfg['heads']} heads, q {cfg['window']}"
         init = train.get("config", {}).get("train", {}).get("init", "")
         trained = (f"{train.get('crops', 0):,} crops, {train.get('cpu_hours', train.get('hours', 0)):.2f} CPU-h"
-                   + (f", warm-started from {_init_name(init)}" if init else ""))
+                   + (f", warm-started from {_init_name(init, name)}" if init else ""))
         lines.append(f"| `{name}` | {float(meta['sigma']):g} | {model} | {trained} | "
                      f"{scores.get('val_psnr', '–')} | `{meta['sha256'][:12]}` |")
     return "\n".join(lines) if len(lines) > 2 else "_no weights shipped yet_"
