@@ -27,7 +27,11 @@ PAPER_NERD = {
 
 
 def _load_evals() -> dict[tuple[str, str, int], dict]:
-    """Full-set eval results by (method, set, sigma); NERD results only for the shipped weights of that sigma."""
+    """Full-set eval results by (method, set, sigma); NERD results only for the shipped weights of that sigma, as
+    they are now (a record whose sha256 is not the shipped file's was measured on weights since replaced)."""
+    from nerd.weights import read_metadata, shipped
+
+    shipped_sha = {name: read_metadata(path)["sha256"] for name, path in shipped().items()}
     found: dict[tuple[str, str, int], dict] = {}
     for path in sorted((RESULTS / "eval").glob("eval-*.json")):
         data = json.loads(path.read_text())
@@ -39,6 +43,8 @@ def _load_evals() -> dict[tuple[str, str, int], dict]:
             weights = data.get("meta", {}).get("weights", "")
             if Path(str(weights)).stem != f"nerd-s{sigma}":
                 continue
+            if data["meta"].get("sha256") != shipped_sha.get(f"nerd-s{sigma}"):
+                continue  # stale: re-run `nerd eval` on the shipped weights
             solver = data.get("meta", {}).get("solver", {}) or {}
             if solver.get("max_iter", 0) < 8:
                 continue  # the headline uses the shipped solver setting, not reduced-iteration runs
