@@ -30,7 +30,8 @@ def depth(ctx: Context) -> Outcome:
         model, info = load_model(ctx, default_name(s))
         solver = model.solver if ctx.budget.infer_iters is None else replace(model.solver,
                                                                              max_iter=ctx.budget.infer_iters)
-        used[f"{s:g}"] = info["name"] + ("" if info["sigma"] == s else f" (trained for sigma {info['sigma']:g})")
+        used[f"{s:g}"] = (f"{info['name']} ({info['sha256'][:12]})"
+                          + ("" if info["sigma"] == s else f" (trained for sigma {info['sigma']:g})"))
         stamp = f"{info['sha256']}-{solver}-{limit}-{[p.name for p in images]}"
         cache = ctx.out / "depth" / "cache.json"
         reports[f"{s:g}"] = memo(cache, f"nerd-s{s:g}", stamp, lambda m=model, s=s, sv=solver: evaluate_on(
