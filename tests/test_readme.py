@@ -24,3 +24,18 @@ def test_last_doubling_gain_interpolates_at_half_the_cpu_time():
     assert abs(last_doubling_gain(curve) - 0.7) < 1e-9
     assert last_doubling_gain(curve[1:]) is None  # the first validation lies after the half
     assert last_doubling_gain(curve[:1]) is None
+
+
+def test_results_table_leaves_out_records_of_replaced_weights(tmp_path, monkeypatch):
+    import json
+
+    from nerd.weights import read_metadata, shipped
+
+    sha = read_metadata(shipped()["nerd-s25"])["sha256"]
+    (tmp_path / "eval").mkdir()
+    for name, record_sha in (("now", sha), ("stale", "0" * 64)):
+        record = {"method": "nerd", "set": f"Set-{name}", "sigma": 25.0, "limit": None,
+                  "meta": {"weights": "nerd-s25", "sha256": record_sha, "solver": {"max_iter": 17}}}
+        (tmp_path / "eval" / f"eval-nerd-{name}.json").write_text(json.dumps(record))
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    assert set(readme._load_evals()) == {("nerd", "Set-now", 25)}
