@@ -49,6 +49,7 @@ def iterations(ctx: Context) -> Outcome:
     nerd_model = runs["nerd"]
     sweep: dict[str, dict[str, Any]] = {"nerd": {}, unrolled_name: {}}
     for n in ns:
+        ctx.log(f"iterations: Set12 at N = {n} for both models")  # the sweep is long and evaluate()'s bar is tty-only
         solver = SolverConfig(name="broyden", max_iter=n + 1, tol=0.0)  # z_N is returned only once f(z_N) is known
         sweep["nerd"][f"N{n}"] = nerd_model.memo(
             test_key(ctx, sigma, f"broyden-N{n}"), lambda s=solver: evaluate_on(ctx, nerd_model.load(ctx.dev),
