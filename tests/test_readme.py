@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from nerd import readme
+from nerd.weights import read_metadata, shipped
 
 
 def test_readme_tables_are_generated_from_the_results_files():
@@ -27,10 +30,6 @@ def test_last_doubling_gain_interpolates_at_half_the_cpu_time():
 
 
 def test_results_table_leaves_out_records_of_replaced_weights(tmp_path, monkeypatch):
-    import json
-
-    from nerd.weights import read_metadata, shipped
-
     sha = read_metadata(shipped()["nerd-s25"])["sha256"]
     (tmp_path / "eval").mkdir()
     for name, record_sha in (("now", sha), ("stale", "0" * 64)):

@@ -34,7 +34,8 @@ class ModelConfig:
         expansion: width factor of the first 3x3 conv of the transformation block (paper: 4).
         groups: groups of every GroupNorm in the implicit layer (paper: 4).
         blocks: implicit layer = "both" (NL then Trans, eq. 11), "nl" only or "trans" only (Table VII).
-        post_norm: keep the last GroupNorm of the transformation block (eq. 10; Table V).
+        post_norm: end the implicit layer in a GroupNorm (eq. 10: the transformation block's last; Table V); every
+            `blocks` variant keeps it, since the NL-only layer has no bounded fixed point without it.
         equilibrium: "noise" decodes x_hat = y + decode(z*) (eq. 5); "image" decodes x_hat = decode(z*) (Table IV).
         weight_norm: weight normalisation of the implicit layer's weights.
         dropout: variational dropout rate in the implicit layer (one mask per forward; off in eval).
