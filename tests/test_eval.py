@@ -138,6 +138,38 @@ def test_evaluate_noisy_report(tmp_path: Path) -> None:
     assert "| **mean** |" in report.to_markdown()
 
 
+def test_interrupted_eval_continues_from_its_partial_file(tmp_path: Path) -> None:
+    from nerd.evaluate import evaluate
+
+    images = _write_set(tmp_path / "S", n=3)
+    part = tmp_path / "out" / "run.partial.json"
+    calls: list[int] = []
+
+    def shrink(y: torch.Tensor, sigma: float) -> torch.Tensor:
+        calls.append(1)
+        if fail and len(calls) == 2:
+            raise KeyboardInterrupt  # the run is stopped during the second image
+        return 0.5 * y + 0.25
+
+    fail = True
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(shrink, images, 25, set_name="S", progress=False, method_name="m", partial=part)
+    assert [r["name"] for r in json.loads(part.read_text())["rows"]] == ["00.png"]
+
+    fail, calls[:] = False, []
+    resumed = evaluate(shrink, images, 25, set_name="S", progress=False, method_name="m", partial=part)
+    assert len(calls) == 2 and resumed.meta["resumed_rows"] == 1  # only the two unfinished images ran
+    calls[:] = []
+    whole = evaluate(shrink, images, 25, set_name="S", progress=False, method_name="m")
+    assert len(calls) == 3 and "resumed_rows" not in whole.meta
+    assert [(r.name, r.psnr, r.ssim) for r in resumed.rows] == [(r.name, r.psnr, r.ssim) for r in whole.rows]
+
+    # rows of another run (here another sigma) are never mixed in
+    calls[:] = []
+    other = evaluate(shrink, images, 15, set_name="S", progress=False, method_name="m", partial=part)
+    assert len(calls) == 3 and other.meta["resumed_rows"] == 0
+
+
 def test_cli_eval_noisy_and_nerd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from nerd.models import create_model
     from nerd.weights import save_weights
@@ -151,6 +183,7 @@ def test_cli_eval_noisy_and_nerd(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert data["method"] == "noisy" and data["sigma"] == s and len(data["rows"]) == 2
         assert data["rows"][0]["nfe"] is None
     assert (out / "eval-noisy.md").is_file()
+    assert not list(out.glob("*.partial*"))  # the per-image progress file goes once the report is written
 
     weights = tmp_path / "tiny.safetensors"
     save_weights(create_model("tiny"), weights, sigma255=25)

@@ -186,6 +186,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _read_partial(path: str | os.PathLike[str] | None, key: str) -> dict[str, Row]:
+    """The rows of a partial file written under the same `key` (empty if none, unreadable or another key)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+        if data.get("key") != key:
+            return {}
+        return {r["name"]: Row(**r) for r in data["rows"]}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def _write_partial(path: str | os.PathLike[str], key: str, rows: list[Row]) -> None:
+    """Atomically (write + rename), so that a kill mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def evaluate(
     method: Method,
     images: Sequence[str | os.PathLike[str]],
@@ -197,6 +219,7 @@ def evaluate(
     method_name: str | None = None,
     limit: int | None = None,
     meta: dict[str, Any] | None = None,
+    partial: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Run the protocol for `method` on `images` at noise level `sigma255` (0-255 scale).
 
@@ -211,6 +234,10 @@ def evaluate(
         method_name: name in the report; default the method's class name, lower-cased.
         limit: evaluate only the first `limit` images (recorded in the report).
         meta: extra entries for the report's `meta`.
+        partial: a JSON file that keeps the finished images' rows, rewritten after every image, so that an
+            interrupted run (a long set on a CPU) continues where it stopped: rows found there are reused when the
+            file was written by the same method, set, sigma, solver and `meta` (else it is ignored and
+            overwritten). The caller removes it once the report is saved.
 
     Raises:
         EvalError: sigma255 <= 0, no images, or an image smaller than SSIM's 11 x 11 window.
@@ -230,10 +257,29 @@ def evaluate(
     is_deq = isinstance(method, DEQDenoiser)
     if isinstance(method, torch.nn.Module):
         method.eval()
+    info: dict[str, Any] = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if is_deq:
+        info["solver"] = asdict(solver or method.solver)
+    info.update(meta or {})
+    # What must match for a partial file's rows to be reused (the device and threads change timings only).
+    key = json.dumps({"method": name, "set": set_name, "sigma": float(sigma255),
+                      **{k: v for k, v in info.items() if k not in ("device", "threads", "torch")}},
+                     sort_keys=True, default=str)
+    done = _read_partial(partial, key)
+    if partial is not None:
+        # Provenance: these rows (their seconds too) come from an earlier, interrupted run.
+        info["resumed_rows"] = sum(p.name in done for p in paths)
     rows: list[Row] = []
     bar = tqdm(paths, desc=f"{name} {set_name} s{sigma255:g}", unit="img", file=sys.stderr,
                disable=not progress or not sys.stderr.isatty(), leave=False)
     for path in bar:
+        if path.name in done:
+            rows.append(done[path.name])
+            continue
         x = load_gray(path).astype(np.float64)  # (H, W) in [0, 1]
         if min(x.shape) < SSIM_MIN_SIDE:
             raise EvalError(f"{path}: {x.shape[0]}x{x.shape[1]} is smaller than SSIM's 11x11 window")
@@ -256,14 +302,9 @@ def evaluate(
         x_hat = np.clip(x_hat_t[0, 0].detach().double().cpu().numpy(), 0.0, 1.0)
         rows.append(Row(path.name, psnr(x_hat, x), ssim(x_hat, x), seconds, nfe, residual, converged))
         bar.set_postfix(psnr=f"{np.mean([r.psnr for r in rows]):.2f}")
+        if partial is not None:
+            done[path.name] = rows[-1]
+            _write_partial(partial, key, list(done.values()))
     bar.close()
-    info: dict[str, Any] = {
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-    if is_deq:
-        info["solver"] = asdict(solver or method.solver)
-    info.update(meta or {})
     return Report(name, set_name, float(sigma255), rows, limit, info)
 

@@ -2,6 +2,8 @@
 
 Writes ``<out>/eval-<tag>-<set>-s<sigma>.json`` per (set, sigma), one ``<out>/eval-<tag>.md``; the tag is the
 method, then the weights name (nerd), any solver overrides and ``first<N>`` for `--limit`. Prints the means.
+While a set runs, ``<out>/eval-<tag>-<set>-s<sigma>.partial.json`` keeps the finished images, so the same command
+after an interruption continues where it stopped (and removes the file when the set's report is written).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="score a method on benchmark sets (PSNR, SSIM, time, solver stats)",
-        description="Score a denoiser on benchmark sets with the shared protocol (seed-0 noise per image).",
+        description="Score a denoiser on benchmark sets with the shared protocol (seed-0 noise per image). "
+        "An interrupted run continues where it stopped when the same command runs again.",
     )
     p.add_argument("--method", choices=METHODS, default="nerd", help="denoiser to score (default: nerd)")
     p.add_argument("--sets", nargs="+", default=["Set12"], metavar="SET",
@@ -150,16 +153,21 @@ def run(args: argparse.Namespace) -> int:
         method, weights_name, meta, solver = loaded[sigma255]
         names.add(weights_name or "")
         for set_name, images in sets.items():
+            path = out / f"eval-{_tag(args, weights_name)}-{set_name}-s{sigma255:g}.json"
+            partial = path.with_suffix(".partial.json")  # per-image progress: a rerun continues from it
             try:
                 report = evaluate(method, images, sigma255, set_name=set_name, progress=not args.no_progress,
                                   solver=solver, method_name=args.method, limit=args.limit,
-                                  meta={**meta, "data": str(data_root)})
+                                  meta={**meta, "data": str(data_root)}, partial=partial)
             except (EvalError, ImageError) as err:
                 raise UserError(str(err)) from None
+            if report.meta.get("resumed_rows"):
+                print(f"nerd eval: {report.meta['resumed_rows']} image(s) reused from {partial} "
+                      "(an interrupted run)", file=sys.stderr)
             reports.append(report)
             out.mkdir(parents=True, exist_ok=True)
-            path = out / f"eval-{_tag(args, weights_name)}-{set_name}-s{sigma255:g}.json"
             path.write_text(report.to_json() + "\n")
+            partial.unlink(missing_ok=True)
             m = report.means
             nfe = f"{m['nfe']:.1f}" if m["nfe"] is not None else "-"
             print(f"{set_name:<16} {sigma255:>5g} {len(report.rows):>6} {m['psnr']:>8.3f} {m['ssim']:>7.4f} "
