@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from nerd import readme
 from nerd.weights import read_metadata, shipped
 
@@ -38,3 +40,18 @@ def test_results_table_leaves_out_records_of_replaced_weights(tmp_path, monkeypa
         (tmp_path / "eval" / f"eval-nerd-{name}.json").write_text(json.dumps(record))
     monkeypatch.setattr(readme, "RESULTS", tmp_path)
     assert set(readme._load_evals()) == {("nerd", "Set-now", 25)}
+
+
+def test_stage_plot_chains_the_sigma25_stages(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "training").mkdir()
+    for name, cpu_h in (("nerd-s25", 1.0), ("nerd-s25b", 2.0), ("nerd-s15b", 0.5)):
+        val = [{"cpu_s": 1800.0 * cpu_h, "val_psnr": 27.0}, {"cpu_s": 3600.0 * cpu_h, "val_psnr": 27.1}]
+        (tmp_path / "training" / f"{name}.json").write_text(json.dumps({"validation": val, "cpu_hours": cpu_h}))
+    runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "training").glob("*.json")}
+    curves = readme.chained(runs, ("cpu-B-s25", "nerd-s25", "nerd-s25b"))
+    assert list(curves) == ["nerd-s25", "nerd-s25b"]  # a stage not collected is skipped
+    assert curves["nerd-s25b"] == ([2.0, 3.0], [27.0, 27.1])  # counted from the end of nerd-s25 (1 CPU-hour)
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    out = readme.plot_stages()
+    assert out == tmp_path / "training" / "nerd-stages.png" and out.stat().st_size > 1000

@@ -153,6 +153,68 @@ def plot_training(prefix: str) -> Path | None:
     return out
 
 
+# How the shipped sigma-25 weights were grown: each stage warm-started from the previous one's best weights (its
+# config's `init` names the file of the time, not the run behind it, so the lineage is written down here). The
+# sigma-15 / 50 runs are fine-tunes from the sigma-25 stage of the same letter (nerd-s15b from nerd-s25b, ...).
+SIGMA25_STAGES = ("cpu-B-s25", "nerd-s25", "nerd-s25b", "nerd-s25c")
+
+
+def chained(runs: dict[str, dict], stages: tuple[str, ...]) -> dict[str, tuple[list[float], list[float]]]:
+    """(CPU-hours, validation PSNR) of each collected stage, each stage's hours counted from the end of the ones
+    before it: the learning curve of weights grown stage by stage. Stages not collected are left out."""
+    curves, offset = {}, 0.0
+    for name in (n for n in stages if n in runs):
+        val = runs[name]["validation"]
+        curves[name] = ([offset + r["cpu_s"] / 3600 for r in val], [r["val_psnr"] for r in val])
+        offset += runs[name]["cpu_hours"]
+    return curves
+
+
+def plot_stages() -> Path | None:
+    """results/training/nerd-stages.png: the learning curve behind the shipped weights, one panel per sigma, with
+    DnCNN-S and BM3D on the same validation crops. Sigma 25: the stages chained on cumulative CPU-hours (each
+    stage restarts its cosine schedule). Sigma 15 / 50: each fine-tune on its own CPU-hours."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    folder = RESULTS / "training"
+    runs = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json") if not p.stem.startswith("val-")}
+    if not any(name in runs for name in SIGMA25_STAGES):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, sigma in zip(axes, (15, 25, 50), strict=True):
+        if sigma == 25:
+            for name, (xs, ys) in chained(runs, SIGMA25_STAGES).items():
+                ax.plot(xs, ys, marker="o", ms=3, label=name)
+            ax.set_xlabel("cumulative training CPU-hours")
+        else:
+            for name in sorted(n for n in runs if n.startswith(f"nerd-s{sigma}")):
+                val = runs[name]["validation"]
+                parent = name.replace(f"s{sigma}", "s25")
+                ax.plot([r["cpu_s"] / 3600 for r in val], [r["val_psnr"] for r in val], marker="o", ms=3,
+                        label=f"{name} (from {parent})")
+            ax.set_xlabel("fine-tuning CPU-hours (after the sigma-25 stage)")
+        ref = folder / f"val-reference-s{sigma}.json"
+        if ref.is_file():
+            scores = json.loads(ref.read_text())["val_psnr"]
+            for method, style in (("bm3d", ":"), ("dncnn", "--")):
+                ax.axhline(scores[method], color="grey", ls=style, lw=1, label=f"{method} (same crops)")
+        ax.set_title(f"sigma {sigma}")
+        ax.set_ylabel("validation PSNR (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("learning curves of the shipped weights (held-out Train400, 96² crops)")
+    fig.tight_layout()
+    out = folder / "nerd-stages.png"
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
 def last_doubling_gain(validation: list[dict[str, float]]) -> float | None:
     """The learning curve's slope per doubling of compute: validation PSNR at the end minus at half the run's CPU
     time (linear interpolation between validations); None when no validation lies at or before the half."""
@@ -267,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.collect or []:
         print(f"collected {collect_run(Path(run))}")
     if args.collect:
-        for prefix in ("cpu-", "nerd-"):
-            plot_training(prefix)
+        plot_training("cpu-")
+        plot_stages()
     readme = ROOT / "README.md"
     old = readme.read_text()
     new = render(old)
