@@ -34,6 +34,8 @@ def _load_evals() -> dict[tuple[str, str, int], dict]:
     shipped_sha = {name: read_metadata(path)["sha256"] for name, path in shipped().items()}
     found: dict[tuple[str, str, int], dict] = {}
     for path in sorted((RESULTS / "eval").glob("eval-*.json")):
+        if path.name.endswith(".partial.json"):
+            continue  # an interrupted `nerd eval`'s progress, not a result
         data = json.loads(path.read_text())
         if data.get("limit"):
             continue  # partial runs never enter the table
@@ -206,7 +208,8 @@ def plot_stages() -> Path | None:
         ax.set_title(f"sigma {sigma}")
         ax.set_ylabel("validation PSNR (dB)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle("learning curves of the shipped weights (held-out Train400, 96² crops)")
     fig.tight_layout()
     out = folder / "nerd-stages.png"
