@@ -38,8 +38,8 @@ def test_results_table_leaves_out_records_of_replaced_weights(tmp_path, monkeypa
         record = {"method": "nerd", "set": f"Set-{name}", "sigma": 25.0, "limit": None,
                   "meta": {"weights": "nerd-s25", "sha256": record_sha, "solver": {"max_iter": 17}}}
         (tmp_path / "eval" / f"eval-nerd-{name}.json").write_text(json.dumps(record))
-    # an interrupted run's progress file sits beside them and is not a result
-    (tmp_path / "eval" / "eval-nerd-next-Set-s25.partial.json").write_text(json.dumps({"key": "", "rows": []}))
+    # an interrupted run's progress file (named as `nerd eval` names it) sits beside them and is not a result
+    (tmp_path / "eval" / "eval-nerd-next-Set-s25.json.partial").write_text(json.dumps({"key": "", "rows": []}))
     monkeypatch.setattr(readme, "RESULTS", tmp_path)
     assert set(readme._load_evals()) == {("nerd", "Set-now", 25)}
 

@@ -14,6 +14,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results"
@@ -34,8 +35,6 @@ def _load_evals() -> dict[tuple[str, str, int], dict]:
     shipped_sha = {name: read_metadata(path)["sha256"] for name, path in shipped().items()}
     found: dict[tuple[str, str, int], dict] = {}
     for path in sorted((RESULTS / "eval").glob("eval-*.json")):
-        if path.name.endswith(".partial.json"):
-            continue  # an interrupted `nerd eval`'s progress, not a result
         data = json.loads(path.read_text())
         if data.get("limit"):
             continue  # partial runs never enter the table
@@ -128,14 +127,22 @@ def val_reference(sigma255: float, crop: int = 96, holdout: int = 8) -> Path:
     return out
 
 
-def plot_training(prefix: str) -> Path | None:
-    """results/training/<prefix>curves.png: validation PSNR against CPU-hours of the collected runs."""
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or None without matplotlib (the plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_training(prefix: str) -> Path | None:
+    """results/training/<prefix>curves.png: validation PSNR against CPU-hours of the collected runs."""
+    plt = _pyplot()
+    if plt is None:
         return None
     runs = [json.loads(p.read_text()) for p in sorted((RESULTS / "training").glob(f"{prefix}*.json"))]
     if not runs:
@@ -176,12 +183,8 @@ def plot_stages() -> Path | None:
     """results/training/nerd-stages.png: the learning curve behind the shipped weights, one panel per sigma, with
     DnCNN-S and BM3D on the same validation crops. Sigma 25: the stages chained on cumulative CPU-hours (each
     stage restarts its cosine schedule). Sigma 15 / 50: each fine-tune on its own CPU-hours."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     folder = RESULTS / "training"
     runs = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json") if not p.stem.startswith("val-")}

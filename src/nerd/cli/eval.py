@@ -2,7 +2,7 @@
 
 Writes ``<out>/eval-<tag>-<set>-s<sigma>.json`` per (set, sigma), one ``<out>/eval-<tag>.md``; the tag is the
 method, then the weights name (nerd), any solver overrides and ``first<N>`` for `--limit`. Prints the means.
-While a set runs, ``<out>/eval-<tag>-<set>-s<sigma>.partial.json`` keeps the finished images, so the same command
+While a set runs, ``<out>/eval-<tag>-<set>-s<sigma>.json.partial`` keeps the finished images, so the same command
 after an interruption continues where it stopped (and removes the file when the set's report is written).
 """
 
@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         names.add(weights_name or "")
         for set_name, images in sets.items():
             path = out / f"eval-{_tag(args, weights_name)}-{set_name}-s{sigma255:g}.json"
-            partial = path.with_suffix(".partial.json")  # per-image progress: a rerun continues from it
+            # per-image progress, a rerun continues from it; not *.json, so that no reader of results takes it for one
+            partial = path.with_name(path.name + ".partial")
             try:
                 report = evaluate(method, images, sigma255, set_name=set_name, progress=not args.no_progress,
                                   solver=solver, method_name=args.method, limit=args.limit,
