@@ -170,6 +170,37 @@ def test_interrupted_eval_continues_from_its_partial_file(tmp_path: Path) -> Non
     assert len(calls) == 3 and other.meta["resumed_rows"] == 0
 
 
+def test_cli_eval_summary_gathers_earlier_sets_of_the_same_weights(tmp_path: Path) -> None:
+    """A second `nerd eval` on another set adds to the tag's summary; a report of replaced weights is left out."""
+    import torch
+
+    from nerd.models import create_model
+    from nerd.weights import save_weights
+
+    for name in ("SetA", "SetB", "SetC"):
+        _write_set(tmp_path / "data" / name, n=1)
+    out = tmp_path / "out"
+    common = ["--data", str(tmp_path / "data"), "--out", str(out), "--no-progress", "--sigma", "25"]
+    assert main(["eval", "--method", "noisy", "--sets", "SetA", *common]) == 0
+    assert main(["eval", "--method", "noisy", "--sets", "SetB", *common]) == 0
+    summary = (out / "eval-noisy.md").read_text()
+    assert "| noisy | SetA |" in summary and "| noisy | SetB |" in summary
+
+    weights = tmp_path / "tiny.safetensors"
+    argv = ["eval", "--method", "nerd", "--weights", str(weights), "--iters", "2", *common]
+    torch.manual_seed(0)
+    save_weights(create_model("tiny"), weights, sigma255=25)
+    assert main([*argv, "--sets", "SetA"]) == 0
+    torch.manual_seed(1)
+    save_weights(create_model("tiny"), weights, sigma255=25)  # the same name, other weights
+    assert main([*argv, "--sets", "SetB"]) == 0
+    assert main([*argv, "--sets", "SetC"]) == 0
+    summary = (out / "eval-nerd-tiny-it2.md").read_text()
+    assert "| nerd | SetB |" in summary and "| nerd | SetC |" in summary
+    assert "SetA" not in summary  # measured on the replaced weights
+    assert (out / "eval-nerd-tiny-it2-SetA-s25.json").is_file()  # ...whose report stays
+
+
 def test_cli_eval_noisy_and_nerd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from nerd.models import create_model
     from nerd.weights import save_weights

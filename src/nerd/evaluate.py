@@ -109,6 +109,12 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """The inverse of `to_dict` (the means are recomputed from the rows)."""
+        return cls(method=data["method"], set_name=data["set"], sigma255=float(data["sigma"]),
+                   rows=[Row(**r) for r in data["rows"]], limit=data.get("limit"), meta=data.get("meta", {}))
+
     def to_markdown(self) -> str:
         """A per-image table with a final mean row."""
         solver = any(r.nfe is not None for r in self.rows)

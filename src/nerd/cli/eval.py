@@ -1,7 +1,9 @@
 """`nerd eval`: score a method (nerd, dncnn, bm3d, noisy) on benchmark sets under the one protocol.
 
-Writes ``<out>/eval-<tag>-<set>-s<sigma>.json`` per (set, sigma), one ``<out>/eval-<tag>.md``; the tag is the
-method, then the weights name (nerd), any solver overrides and ``first<N>`` for `--limit`. Prints the means.
+Writes ``<out>/eval-<tag>-<set>-s<sigma>.json`` per (set, sigma) and a summary ``<out>/eval-<tag>.md``; the tag is
+the method, then the weights name (nerd), any solver overrides and ``first<N>`` for `--limit`. The summary covers
+this run's reports and those an earlier run left in ``<out>`` under the same tag (for nerd: of the same weights file),
+so a BSD68 run after a Set12 one adds to its summary instead of replacing it. Prints the means.
 While a set runs, ``<out>/eval-<tag>-<set>-s<sigma>.json.partial`` keeps the finished images, so the same command
 after an interruption continues where it stopped (and removes the file when the set's report is written).
 """
@@ -80,6 +82,32 @@ def _tag(args: argparse.Namespace, weights_name: str | None) -> str:
     if args.limit is not None:
         parts.append(f"first{args.limit}")
     return "-".join(parts)
+
+
+def _with_earlier(out: Path, reports: list, tags: dict[float, str]) -> list:
+    """This run's reports, then the reports in `out` of the same tag and sigma for other sets (a nerd report only
+    when its weights checksum is this run's: a file since replaced is not summarised beside the new one)."""
+    import json
+    import re
+
+    from nerd.evaluate import Report
+
+    done = {(r.set_name, r.sigma255) for r in reports}
+    sha = {r.sigma255: r.meta.get("sha256") for r in reports}
+    earlier = []
+    for sigma255, tag in tags.items():
+        pattern = re.compile(rf"eval-{re.escape(tag)}-([^-]+)-s{re.escape(f'{sigma255:g}')}\.json")
+        for path in sorted(out.glob(f"eval-{tag}-*.json")):
+            match = pattern.fullmatch(path.name)
+            if not match or (match.group(1), sigma255) in done:
+                continue
+            try:
+                old = Report.from_dict(json.loads(path.read_text()))
+            except (ValueError, KeyError, TypeError):
+                continue  # not a report of this tool's format: it is not summarised
+            if old.meta.get("sha256") == sha.get(sigma255):
+                earlier.append(old)
+    return reports + earlier
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,9 +201,10 @@ def run(args: argparse.Namespace) -> int:
             nfe = f"{m['nfe']:.1f}" if m["nfe"] is not None else "-"
             print(f"{set_name:<16} {sigma255:>5g} {len(report.rows):>6} {m['psnr']:>8.3f} {m['ssim']:>7.4f} "
                   f"{m['seconds']:>8.2f} {nfe:>6}", flush=True)
-    # One summary per invocation; the weights name joins the tag only when all levels used the same file.
+    # One summary per tag; the weights name joins the tag only when all levels used the same file.
     summary_name = names.pop() if len(names) == 1 else None
     summary = out / f"eval-{_tag(args, summary_name)}.md"
+    reports = _with_earlier(out, reports, {s: _tag(args, loaded[s][1]) for s in args.sigma})
     header = f"# nerd eval --method {args.method}\n\ndata: {os.fspath(data_root)}\n\n"
     details = "\n".join(r.to_markdown() for r in reports)
     summary.write_text(header + summary_markdown(reports) + "\n" + details)
