@@ -283,8 +283,9 @@ def model_card() -> str:
         init = train.get("config", {}).get("train", {}).get("init", "")
         trained = (f"{train.get('crops', 0):,} crops, {train.get('cpu_hours', train.get('hours', 0)):.2f} CPU-h"
                    + (f", warm-started from {_init_name(init, name)}" if init else ""))
+        val = scores.get("val_psnr")
         lines.append(f"| `{name}` | {float(meta['sigma']):g} | {model} | {trained} | "
-                     f"{scores.get('val_psnr', '–')} | `{meta['sha256'][:12]}` |")
+                     f"{'–' if val is None else f'{val:.2f}'} | `{meta['sha256'][:12]}` |")
     return "\n".join(lines) if len(lines) > 2 else "_no weights shipped yet_"
 
 

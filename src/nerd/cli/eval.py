@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="noise levels on the 0-255 scale (default: 25)")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="root of the set folders (default: $NERD_DATA, else ../shared/data)")
-    p.add_argument("--out", default="results", metavar="DIR", help="folder for the JSON and markdown reports")
+    p.add_argument("--out", default="results/eval", metavar="DIR",
+                   help="folder for the JSON and markdown reports (the README tables read results/eval)")
     p.add_argument("--weights", default=None, metavar="NAME|PATH",
                    help="nerd weights: shipped name or .safetensors path (default: nerd-s<sigma> per sigma)")
     p.add_argument("--iters", type=int, default=None, metavar="N", help="nerd: solver max iterations")
