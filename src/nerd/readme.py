@@ -165,7 +165,7 @@ def plot_training(prefix: str) -> Path | None:
 # How the shipped sigma-25 weights were grown: each stage warm-started from the previous one's best weights (its
 # config's `init` names the file of the time, not the run behind it, so the lineage is written down here). The
 # sigma-15 / 50 runs are fine-tunes from the sigma-25 stage of the same letter (nerd-s15b from nerd-s25b, ...).
-SIGMA25_STAGES = ("cpu-B-s25", "nerd-s25", "nerd-s25b", "nerd-s25c")
+SIGMA25_STAGES = ("cpu-B-s25", "nerd-s25", "nerd-s25b", "nerd-s25c", "nerd-s25d")
 
 
 def chained(runs: dict[str, dict], stages: tuple[str, ...]) -> dict[str, tuple[list[float], list[float]]]:
