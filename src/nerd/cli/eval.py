@@ -85,11 +85,15 @@ def _tag(args: argparse.Namespace, weights_name: str | None) -> str:
     return "-".join(parts)
 
 
+def _report_name(tag: str, set_name: str, sigma255: float) -> str:
+    """The file name of one (set, sigma) report; `set_name` "*" makes it a glob pattern."""
+    return f"eval-{tag}-{set_name}-s{sigma255:g}.json"
+
+
 def _with_earlier(out: Path, reports: list, tags: dict[float, str]) -> list:
     """This run's reports, then the reports in `out` of the same tag and sigma for other sets (a nerd report only
     when its weights checksum is this run's: a file since replaced is not summarised beside the new one)."""
     import json
-    import re
 
     from nerd.evaluate import Report
 
@@ -97,11 +101,11 @@ def _with_earlier(out: Path, reports: list, tags: dict[float, str]) -> list:
     sha = {r.sigma255: r.meta.get("sha256") for r in reports}
     earlier = []
     for sigma255, tag in tags.items():
-        pattern = re.compile(rf"eval-{re.escape(tag)}-([^-]+)-s{re.escape(f'{sigma255:g}')}\.json")
-        for path in sorted(out.glob(f"eval-{tag}-*.json")):
-            match = pattern.fullmatch(path.name)
-            if not match or (match.group(1), sigma255) in done:
-                continue
+        prefix, suffix = _report_name(tag, "*", sigma255).split("*")
+        for path in sorted(out.glob(prefix + "*" + suffix)):
+            set_name = path.name[len(prefix):-len(suffix)]
+            if "-" in set_name or (set_name, sigma255) in done:
+                continue  # another tag's report (its tag goes on, e.g. "-first3-Set12"), or one this run rewrote
             try:
                 old = Report.from_dict(json.loads(path.read_text()))
             except (ValueError, KeyError, TypeError):
@@ -182,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         method, weights_name, meta, solver = loaded[sigma255]
         names.add(weights_name or "")
         for set_name, images in sets.items():
-            path = out / f"eval-{_tag(args, weights_name)}-{set_name}-s{sigma255:g}.json"
+            path = out / _report_name(_tag(args, weights_name), set_name, sigma255)
             # per-image progress, a rerun continues from it; not *.json, so that no reader of results takes it for one
             partial = path.with_name(path.name + ".partial")
             try:
