@@ -106,6 +106,29 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(110, 110, cfg) == pytest.approx(0.0)
 
 
+def test_lr_schedule_follows_a_time_budget():
+    cfg = Config(train=TrainConfig(lr=1e-3, lr_min=0.0, warmup=0, minutes=10))
+    # Step 10 of 10**6 is hardly on, but half the budget is spent: the schedule is half way down.
+    assert lr_at(10, 10**6, cfg, elapsed_s=300) == pytest.approx(5e-4)
+    assert lr_at(10, 10**6, cfg, elapsed_s=600) == pytest.approx(0.0)
+    assert lr_at(10, 20, cfg, elapsed_s=0) == pytest.approx(5e-4)  # the step cap still counts
+
+
+def test_run_with_a_time_budget_stops_decayed_and_validated(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, steps=10**6)
+    cfg = replace(cfg, train=replace(cfg.train, minutes=0.05, val_every=10**6, lr_min=0.0))
+    run = train(cfg, out=tmp_path / "run", progress=False)
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert 1 < len(rows) < 10**6
+    assert float(rows[-1]["elapsed_s"]) >= 3.0  # it ran its whole budget (0.05 min = 3 s)
+    assert float(rows[-1]["lr"]) < 0.05 * cfg.train.lr  # and its last steps ran at the bottom of the cosine
+    val = list(csv.DictReader(open(run / "val.csv")))
+    assert [int(r["step"]) for r in val] == [int(rows[-1]["step"])]
+    # Resuming a run whose time is up changes nothing.
+    train(cfg, out=run, resume=True, progress=False)
+    assert len(list(csv.DictReader(open(run / "log.csv")))) == len(rows)
+
+
 def test_shipped_configs_parse():
     from pathlib import Path
 

@@ -150,6 +150,9 @@ class TrainConfig:
         train_iters: solver iterations during training steps (0: the [solver] max_iter, which validation and
             the exported weights use).
         init: weights (name or .safetensors path) to start from, e.g. sigma 25 weights to fine-tune for 15/50.
+        minutes: when > 0, the run's length is this much training time (validation excluded) rather than a step
+            count: the cosine schedule follows the elapsed fraction of it, so a run on an unknown machine still
+            decays to `lr_min` when its time is up; `steps` (if > 0) stays an upper bound.
     """
 
     data: str = ""
@@ -176,6 +179,7 @@ class TrainConfig:
     threads: int = 0
     train_iters: int = 0
     init: str = ""
+    minutes: float = 0.0
 
     def total_steps(self, n_images: int) -> int:
         """Optimiser steps of the whole run for a training folder of `n_images` images."""

@@ -44,12 +44,16 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf: the run stops and the last good checkpoint is kept."""
 
 
-def lr_at(step: int, total: int, cfg: Config) -> float:
-    """Linear warm-up, then cosine decay from lr to lr_min over the remaining steps."""
+def lr_at(step: int, total: int, cfg: Config, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay from lr to lr_min over the remaining steps (or, for a run with a time
+    budget `train.minutes`, over the budget's elapsed fraction, whichever is further on)."""
     t = cfg.train
     if step < t.warmup:
         return t.lr * (step + 1) / t.warmup
-    progress = min(1.0, (step - t.warmup) / max(1, total - t.warmup))
+    progress = (step - t.warmup) / max(1, total - t.warmup)
+    if t.minutes > 0:
+        progress = max(progress, elapsed_s / (60 * t.minutes))
+    progress = min(1.0, progress)
     return t.lr_min + 0.5 * (t.lr - t.lr_min) * (1 + math.cos(math.pi * progress))
 
 
@@ -285,7 +289,10 @@ def train(
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    finished_before = step >= total  # resuming a finished run changes nothing
+    def time_up() -> bool:  # a run whose length is a time budget (train.minutes); all ranks agree
+        return t.minutes > 0 and distributed.any_rank(elapsed >= 60 * t.minutes, dev)
+
+    finished_before = step >= total or time_up()  # resuming a finished run changes nothing
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -294,12 +301,12 @@ def train(
     started, last_ckpt = time.monotonic(), time.monotonic()
     t_step, c_step = time.monotonic(), time.process_time()
     try:
-        while step < total:
+        while step < total and not time_up():
             x, y, sigma = sampler.sample(t.batch)
             lo, hi = rank * t.batch // world, (rank + 1) * t.batch // world
             x, y, sigma = x[lo:hi].to(dev), y[lo:hi].to(dev), sigma[lo:hi].to(dev)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
+                group["lr"] = lr_at(step, total, cfg, elapsed)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 eq = model.equilibrium(y, sigma, solver=train_solver) if world == 1 else None
                 x_hat = eq.x_hat if eq is not None else net(y, sigma, solver=train_solver)
@@ -331,7 +338,7 @@ def train(
                 _append_csv(run / "log.csv", LOG_FIELDS, row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss.item():.2e}", nfe=row["nfe"], res=row["rel_residual"])
-            if t.val_every and step % t.val_every == 0 and step < total:
+            if t.val_every and step % t.val_every == 0 and step < total and not time_up():
                 run_validation()
                 t_step, c_step = time.monotonic(), time.process_time()  # validation is not training time
             if time.monotonic() - last_ckpt > 60 * t.checkpoint_minutes:
@@ -341,12 +348,12 @@ def train(
                 max_cpu_minutes is not None and cpu > 60 * max_cpu_minutes
             )
             budget_spent = distributed.any_rank(budget_spent, dev)
-            if budget_spent and step < total and t.val_every and step % t.val_every:
+            if budget_spent and step < total and not time_up() and t.val_every and step % t.val_every:
                 run_validation()  # a budgeted run ends with a validation figure (a comparison's end point)
             stop_now = stop["signal"] is not None or (stop_after is not None and step >= stop_after) or budget_spent
             if distributed.any_rank(stop_now, dev):
                 break
-        if step >= total and not finished_before:
+        if (step >= total or time_up()) and not finished_before:
             run_validation()
         checkpoint()
     finally:

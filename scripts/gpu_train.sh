@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Issue 6, step 6: train on a lent GPU for a fixed time, in one call of the device tool, and bring the runs back.
+#
+# Runs two time-budgeted recipes side by side on the one GPU (small models leave most of an H100 idle, so two
+# processes share it better than one after the other), each with bf16 autocast:
+#   configs/gpu/nerd-s25-gpu.toml  continue the best CPU-trained sigma-25 weights (nerd-s25d, preset s)
+#   configs/gpu/nerd-m25-gpu.toml  the wider preset m from scratch
+# Each run ends by itself when its `train.minutes` are spent (the cosine schedule follows that budget); a hard
+# deadline (SIGTERM: checkpoint, then stop) guards the call's time limit. A run that fails at once under bf16 is
+# retried in float32. Each run comes back as one archive in $OUT (run folder with last.pt, best.safetensors, logs).
+#
+# Prepare here (../shared does not travel to the device machine; device_data/ is git-ignored and carried):
+#   mkdir -p device_data && cp -r ../shared/data/Train400 device_data/
+#   nerd export runs/nerd-s25d --last --out device_data/nerd-s25d.safetensors
+# Then, through the device tool: `bash scripts/gpu_train.sh` with carry ["device_data"].
+# Test on the CPU first: DEVICE=cpu STEPS=2 OUT=/tmp/gpu_out bash scripts/gpu_train.sh
+# Unpack what came back into runs/: tar xzf nerd-s25-gpu.tgz -C runs
+set -u
+OUT=${OUT:-gpu_out}
+DEVICE=${DEVICE:-cuda}
+DEADLINE=${DEADLINE:-480}   # seconds after the start at which every run still going gets SIGTERM
+STEPS=${STEPS:-}            # an optimiser-step cap (for a CPU test of this script)
+RUNS=${RUNS:-"s25 m25"}
+mkdir -p "$OUT" gpu_runs
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY='import sys; from nerd.cli import main; sys.exit(main(sys.argv[1:]))'
+start=$(date +%s)
+log="$OUT/gpu_train.log"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+} >"$log"
+test -f device_data/nerd-s25d.safetensors && test -d device_data/Train400 \
+  || { echo "device_data/ is missing: see the header of $0" | tee -a "$log"; exit 2; }
+
+run_one() {  # run_one NAME: train configs/gpu/nerd-NAME-gpu.toml, retrying in float32 if bf16 fails at once
+  local name=nerd-$1-gpu cfg=configs/gpu/nerd-$1-gpu.toml rc
+  local left=$((DEADLINE - ($(date +%s) - start)))
+  timeout -s TERM "$left" python3 -c "$PY" train --config "$cfg" --out "gpu_runs/$name" --data device_data/Train400 \
+    --device "$DEVICE" --no-progress ${STEPS:+--steps "$STEPS"} >"gpu_runs/$name.log" 2>&1
+  rc=$?
+  if [ $rc -ne 0 ] && [ ! -f "gpu_runs/$name/last.pt" ]; then
+    echo "$name failed (rc $rc) before its first checkpoint; retrying with amp off" >>"gpu_runs/$name.log"
+    sed 's/^\[train\]$/[train]\namp = "off"/' "$cfg" >"gpu_runs/$name-fp32.toml"
+    rm -rf "gpu_runs/$name"
+    left=$((DEADLINE - ($(date +%s) - start)))
+    timeout -s TERM "$left" python3 -c "$PY" train --config "gpu_runs/$name-fp32.toml" --out "gpu_runs/$name" \
+      --data device_data/Train400 --device "$DEVICE" --no-progress ${STEPS:+--steps "$STEPS"} >>"gpu_runs/$name.log" 2>&1
+    rc=$?
+  fi
+  echo "$name: rc $rc after $(($(date +%s) - start)) s" >>"$log"
+}
+
+for r in $RUNS; do run_one "$r" & done
+while [ -n "$(jobs -r)" ]; do  # a GPU snapshot a minute, for the record
+  sleep 60
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >>"$log" 2>&1 || true
+done
+wait
+for r in $RUNS; do
+  name=nerd-$r-gpu
+  tail -n 3 "gpu_runs/$name/val.csv" >>"$log" 2>/dev/null
+  tar czf "$OUT/$name.tgz" -C gpu_runs "$name" "$name.log"
+done
+echo "done after $(($(date +%s) - start)) s" >>"$log"
+cat "$log"
