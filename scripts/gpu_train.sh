@@ -12,7 +12,8 @@
 # Prepare here (../shared does not travel to the device machine; device_data/ is git-ignored and carried):
 #   mkdir -p device_data && cp -r ../shared/data/Train400 device_data/
 #   nerd export runs/nerd-s25d --last --out device_data/nerd-s25d.safetensors
-# Then, through the device tool: `bash scripts/gpu_train.sh` with carry ["device_data"].
+# Then, through the device tool: `bash scripts/gpu_train.sh` with carry ["device_data"]. RUNS picks other recipes
+# of configs/gpu/ (RUNS="s25b s15 s50" continued from the first call's sigma-25 result; see their headers).
 # Test on the CPU first: DEVICE=cpu STEPS=2 OUT=/tmp/gpu_out bash scripts/gpu_train.sh
 # Unpack what came back into runs/: tar xzf nerd-s25-gpu.tgz -C runs
 set -u

@@ -57,3 +57,21 @@ def test_stage_plot_chains_the_sigma25_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(readme, "RESULTS", tmp_path)
     out = readme.plot_stages()
     assert out == tmp_path / "training" / "nerd-stages.png" and out.stat().st_size > 1000
+
+
+def test_gpu_runs_count_gpu_minutes_not_cpu_hours(tmp_path, monkeypatch):
+    gpu = {"machine": {"device": "cuda", "name": "NVIDIA H100 80GB HBM3"}, "wall_hours": 0.1, "cpu_hours": 0.25,
+           "validation": [{"cpu_s": 450.0, "elapsed_s": 180.0, "val_psnr": 27.4},
+                          {"cpu_s": 900.0, "elapsed_s": 360.0, "val_psnr": 27.5}]}
+    cpu = {"wall_hours": 3.0, "cpu_hours": 2.0, "validation": [{"cpu_s": 3600.0, "elapsed_s": 5400.0, "val_psnr": 27.0}]}
+    assert readme.compute_label(gpu) == "6.0 H100-min" and readme.compute_label(cpu) == "2.00 CPU-h"
+    # the GPU stage's own clock is its wall-clock time: 3 and 6 minutes, chained after a 6-minute stage
+    curves = readme.chained({"a": gpu, "b": gpu}, ("a", "b"), gpu=True)
+    assert curves["b"] == ([9.0, 12.0], [27.4, 27.5])
+    assert readme.last_doubling_gain(gpu["validation"], "elapsed_s") == pytest.approx(0.1)
+    pytest.importorskip("matplotlib")
+    (tmp_path / "training").mkdir()
+    for name, summary in (("nerd-s25", cpu), ("nerd-s25-gpu", gpu)):
+        (tmp_path / "training" / f"{name}.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    assert readme.plot_stages().stat().st_size > 1000  # a second row for the GPU runs

@@ -83,10 +83,13 @@ def collect_run(run: Path) -> Path:
         with open(run / "log.csv", newline="") as fh:
             log_rows = list(csv.DictReader(fh))
     last = log_rows[-1] if log_rows else {}
+    where = run / "machine.json"  # runs from before train.py wrote it trained on this CPU
+    machine = json.loads(where.read_text()) if where.is_file() else {"device": "cpu", "name": "cpu"}
     out = RESULTS / "training" / f"{run.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "run": run.name,
+        "machine": machine,
         "config": config,
         "validation": val,
         "steps": int(float(last.get("step", 0))) if last else 0,
@@ -168,21 +171,29 @@ def plot_training(prefix: str) -> Path | None:
 SIGMA25_STAGES = ("cpu-B-s25", "nerd-s25", "nerd-s25b", "nerd-s25c", "nerd-s25d")
 
 
-def chained(runs: dict[str, dict], stages: tuple[str, ...]) -> dict[str, tuple[list[float], list[float]]]:
+# The sigma-25 stages continued on a lent GPU (scripts/gpu_train.sh) from nerd-s25d's weights, in order.
+GPU_SIGMA25_STAGES = ("nerd-s25-gpu", "nerd-s25b-gpu")
+
+
+def chained(runs: dict[str, dict], stages: tuple[str, ...], gpu: bool = False) -> dict[str, tuple[list[float], list[float]]]:
     """(CPU-hours, validation PSNR) of each collected stage, each stage's hours counted from the end of the ones
-    before it: the learning curve of weights grown stage by stage. Stages not collected are left out."""
+    before it: the learning curve of weights grown stage by stage. Stages not collected are left out. With `gpu`,
+    GPU wall-clock minutes instead of CPU-hours."""
+    clock, per = ("elapsed_s", 60.0) if gpu else ("cpu_s", 3600.0)
     curves, offset = {}, 0.0
     for name in (n for n in stages if n in runs):
         val = runs[name]["validation"]
-        curves[name] = ([offset + r["cpu_s"] / 3600 for r in val], [r["val_psnr"] for r in val])
-        offset += runs[name]["cpu_hours"]
+        curves[name] = ([offset + r[clock] / per for r in val], [r["val_psnr"] for r in val])
+        offset += runs[name]["wall_hours"] * 60 if gpu else runs[name]["cpu_hours"]
     return curves
 
 
 def plot_stages() -> Path | None:
-    """results/training/nerd-stages.png: the learning curve behind the shipped weights, one panel per sigma, with
-    DnCNN-S and BM3D on the same validation crops. Sigma 25: the stages chained on cumulative CPU-hours (each
-    stage restarts its cosine schedule). Sigma 15 / 50: each fine-tune on its own CPU-hours."""
+    """results/training/nerd-stages.png: the learning curves behind the shipped weights, one column per sigma, with
+    DnCNN-S and BM3D on the same validation crops. Top row, this CPU: sigma 25's stages chained on cumulative
+    CPU-hours (each stage restarts its cosine schedule), sigma 15 / 50's fine-tunes on their own CPU-hours. Bottom
+    row, a lent GPU: the runs that continued from the CPU's weights (and any trained there from scratch), on GPU
+    wall-clock minutes; the two clocks are not comparable, hence two rows."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -190,29 +201,39 @@ def plot_stages() -> Path | None:
     runs = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json") if not p.stem.startswith("val-")}
     if not any(name in runs for name in SIGMA25_STAGES):
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, sigma in zip(axes, (15, 25, 50), strict=True):
-        if sigma == 25:
-            for name, (xs, ys) in chained(runs, SIGMA25_STAGES).items():
-                ax.plot(xs, ys, marker="o", ms=3, label=name)
-            ax.set_xlabel("cumulative training CPU-hours")
-        else:
-            for name in sorted(n for n in runs if n.startswith(f"nerd-s{sigma}")):
-                val = runs[name]["validation"]
-                parent = name.replace(f"s{sigma}", "s25")
-                ax.plot([r["cpu_s"] / 3600 for r in val], [r["val_psnr"] for r in val], marker="o", ms=3,
-                        label=f"{name} (from {parent})")
-            ax.set_xlabel("fine-tuning CPU-hours (after the sigma-25 stage)")
-        ref = folder / f"val-reference-s{sigma}.json"
-        if ref.is_file():
-            scores = json.loads(ref.read_text())["val_psnr"]
-            for method, style in (("bm3d", ":"), ("dncnn", "--")):
-                ax.axhline(scores[method], color="grey", ls=style, lw=1, label=f"{method} (same crops)")
-        ax.set_title(f"sigma {sigma}")
-        ax.set_ylabel("validation PSNR (dB)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    gpu_runs = {n: r for n, r in runs.items() if on_gpu(r) and n.startswith("nerd-")}
+    cpu_runs = {n: r for n, r in runs.items() if not on_gpu(r)}
+    rows = 2 if gpu_runs else 1
+    fig, axes = plt.subplots(rows, 3, figsize=(13, 3.6 * rows), squeeze=False)
+    for row, (group, gpu) in enumerate(((cpu_runs, False), (gpu_runs, True))[:rows]):
+        clock, per = ("elapsed_s", 60.0) if gpu else ("cpu_s", 3600.0)
+        for ax, sigma in zip(axes[row], (15, 25, 50), strict=True):
+            stages = GPU_SIGMA25_STAGES if gpu else SIGMA25_STAGES
+            if sigma == 25:
+                for name, (xs, ys) in chained(group, stages, gpu).items():
+                    ax.plot(xs, ys, marker="o", ms=3, label=name)
+            others = sorted(n for n in group if n.startswith(f"nerd-") and f"{sigma}" in n.split("-")[1]
+                            and not (sigma == 25 and n in stages))
+            for name in others:
+                val = group[name]["validation"]
+                cfg = group[name].get("config", {}).get("train", {})
+                start = f"from {Path(cfg['init']).stem}" if cfg.get("init") else "from scratch"
+                ax.plot([r[clock] / per for r in val], [r["val_psnr"] for r in val], marker="o", ms=3,
+                        label=f"{name} ({start})")
+            if gpu:
+                ax.set_xlabel("GPU minutes (wall-clock, one H100, bf16)")
+            else:
+                ax.set_xlabel("cumulative CPU-hours" if sigma == 25 else "fine-tuning CPU-hours (after a σ-25 stage)")
+            ref = folder / f"val-reference-s{sigma}.json"
+            if ref.is_file():
+                scores = json.loads(ref.read_text())["val_psnr"]
+                for method, style in (("bm3d", ":"), ("dncnn", "--")):
+                    ax.axhline(scores[method], color="grey", ls=style, lw=1, label=f"{method} (same crops)")
+            ax.set_title(f"sigma {sigma}, {'GPU' if gpu else 'this CPU'}")
+            ax.set_ylabel("validation PSNR (dB)")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     fig.suptitle("learning curves of the shipped weights (held-out Train400, 96² crops)")
     fig.tight_layout()
     out = folder / "nerd-stages.png"
@@ -221,10 +242,30 @@ def plot_stages() -> Path | None:
     return out
 
 
-def last_doubling_gain(validation: list[dict[str, float]]) -> float | None:
-    """The learning curve's slope per doubling of compute: validation PSNR at the end minus at half the run's CPU
-    time (linear interpolation between validations); None when no validation lies at or before the half."""
-    points = [(r["cpu_s"], r["val_psnr"]) for r in validation]
+def on_gpu(summary: dict) -> bool:
+    """Whether a collected run trained on a GPU (its hours are then GPU wall-clock time, not CPU time)."""
+    return summary.get("machine", {}).get("device") == "cuda"
+
+
+def compute_label(summary: dict) -> str:
+    """A run's training compute in its own unit: CPU-hours (process time) or GPU-minutes (wall-clock)."""
+    if on_gpu(summary):
+        name = summary["machine"].get("name", "GPU").replace("NVIDIA ", "").split()[0]
+        return f"{summary['wall_hours'] * 60:.1f} {name}-min"
+    return f"{summary['cpu_hours']:.2f} CPU-h"
+
+
+def _clock(summary: dict) -> tuple[str, float, str]:
+    """(val.csv column, seconds per unit, unit suffix) of a run's compute: CPU seconds in hours, or GPU
+    wall-clock seconds in minutes."""
+    return ("elapsed_s", 60.0, "m") if on_gpu(summary) else ("cpu_s", 3600.0, "h")
+
+
+def last_doubling_gain(validation: list[dict[str, float]], clock: str = "cpu_s") -> float | None:
+    """The learning curve's slope per doubling of compute: validation PSNR at the end minus at half the run's
+    compute (`clock`: CPU or wall-clock seconds; linear interpolation between validations); None when no validation
+    lies at or before the half."""
+    points = [(r[clock], r["val_psnr"]) for r in validation]
     if len(points) < 2:
         return None
     half = points[-1][0] / 2
@@ -238,15 +279,16 @@ def training_table(prefix: str) -> str:
     """Validation PSNR against CPU-hours for the collected runs whose name starts with `prefix`, with the gain over
     each run's last doubling of CPU time (what doubling it again would give if the curve keeps its slope)."""
     rows = []
-    for path in sorted((RESULTS / "training").glob(f"{prefix}*.json")):
-        s = json.loads(path.read_text())
+    summaries = [json.loads(p.read_text()) for p in (RESULTS / "training").glob(f"{prefix}*.json")]
+    for s in sorted(summaries, key=lambda s: (on_gpu(s), s["run"])):  # this CPU's runs, then a GPU's
         m, t, g = s["config"]["model"], s["config"]["train"], s["config"]["grad"]
-        curve = ", ".join(f"{r['val_psnr']:.2f}@{r['cpu_s'] / 3600:.2f}h" for r in s["validation"])
-        gain = last_doubling_gain(s["validation"])
+        clock, per, unit = _clock(s)
+        curve = ", ".join(f"{r['val_psnr']:.2f}@{r[clock] / per:.2f}{unit}" for r in s["validation"])
+        gain = last_doubling_gain(s["validation"], clock)
         rows.append(
             f"| {s['run']} | {m['channels']} / {m['heads']} / {m['window']} | {t['crop']}² × {t['batch']} | "
             f"{t.get('train_iters') or s['config']['solver']['max_iter']} / T{g['steps']} | {s['crops']:,} | "
-            f"{s['cpu_hours']:.2f} | {s['best_val_psnr']:.2f} | {'–' if gain is None else f'{gain:+.2f}'} | {curve} |"
+            f"{compute_label(s)} | {s['best_val_psnr']:.2f} | {'–' if gain is None else f'{gain:+.2f}'} | {curve} |"
         )
     if not rows:
         return "_no runs collected yet_"
@@ -255,8 +297,8 @@ def training_table(prefix: str) -> str:
         refs = ", ".join(f"{k} {v:.2f}" for k, v in ref["val_psnr"].items())
         rows.append(f"| _reference, σ {ref['sigma']:g}_ | same validation crops | | | | | | | {refs} |")
     head = [
-        "| run | channels / heads / q | crop × batch | Broyden / phantom T | crops | CPU-hours | best val PSNR (dB) "
-        "| gain, last doubling (dB) | val PSNR @ CPU-hours |",
+        "| run | channels / heads / q | crop × batch | Broyden / phantom T | crops | compute | best val PSNR (dB) "
+        "| gain, last doubling (dB) | val PSNR @ compute (h: CPU-hours, m: GPU-minutes) |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     return "\n".join(head + rows)
@@ -269,6 +311,8 @@ def _init_name(init: str, name: str) -> str:
     if path.parent.name == "weights":  # src/nerd/weights/<name>.safetensors
         when = "earlier" if path.stem == name else "then"
         return f"the {when} shipped {path.stem} (see the training table)"
+    if path.parent.name == "device_data":  # an export carried to a GPU machine (scripts/gpu_train.sh)
+        return f"run {path.stem}'s weights"
     return f"run {path.parent.name}"
 
 
@@ -281,7 +325,12 @@ def model_card() -> str:
         cfg, train, scores = json.loads(meta["model"]), json.loads(meta["train"]), json.loads(meta["scores"])
         model = f"{cfg['channels']} ch, {cfg['heads']} heads, q {cfg['window']}"
         init = train.get("config", {}).get("train", {}).get("init", "")
-        trained = (f"{train.get('crops', 0):,} crops, {train.get('cpu_hours', train.get('hours', 0)):.2f} CPU-h"
+        machine = train.get("machine", {})
+        if machine.get("device") == "cuda":  # GPU wall-clock minutes (the process CPU time means nothing there)
+            spent = f"{train.get('hours', 0) * 60:.1f} min on one {machine.get('name', 'GPU')} ({machine.get('precision')})"
+        else:
+            spent = f"{train.get('cpu_hours', train.get('hours', 0)):.2f} CPU-h"
+        trained = (f"{train.get('crops', 0):,} crops, {spent}"
                    + (f", warm-started from {_init_name(init, name)}" if init else ""))
         val = scores.get("val_psnr")
         lines.append(f"| `{name}` | {float(meta['sigma']):g} | {model} | {trained} | "

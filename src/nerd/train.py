@@ -2,6 +2,7 @@
 
 A run lives in a folder `runs/NAME/`:
     config.json      the resolved config
+    machine.json     where it trained (device name, precision, torch), so its hours read as CPU or GPU time
     last.pt          the one resumable checkpoint (model, optimiser, RNG states, step, elapsed time), atomic
     best.safetensors the weights with the best validation PSNR so far (with their metadata)
     log.csv          one row per `log_every` steps: loss, lr, solver f-evaluations and residual, speed
@@ -55,6 +56,13 @@ def lr_at(step: int, total: int, cfg: Config, elapsed_s: float = 0.0) -> float:
         progress = max(progress, elapsed_s / (60 * t.minutes))
     progress = min(1.0, progress)
     return t.lr_min + 0.5 * (t.lr - t.lr_min) * (1 + math.cos(math.pi * progress))
+
+
+def machine(dev: torch.device, amp: bool) -> dict:
+    """Where a run trains: the device in words, its precision and the torch version (hours mean nothing without)."""
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return {"device": dev.type, "name": name, "precision": "bf16 autocast" if amp else "float32",
+            "threads": torch.get_num_threads() if dev.type == "cpu" else None, "torch": torch.__version__}
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -237,6 +245,9 @@ def train(
     if t.compile:
         model.layer.compile()  # in place: state-dict keys (checkpoints, exported weights) stay the same
     amp = t.amp == "on" or (t.amp == "auto" and dev.type == "cuda")
+    where = machine(dev, amp)
+    if rank == 0:
+        (run / "machine.json").write_text(json.dumps(where, indent=2))
     train_solver = replace(cfg.solver, max_iter=t.train_iters) if t.train_iters else cfg.solver
 
     def checkpoint() -> None:
@@ -274,8 +285,8 @@ def train(
             save_weights(model, run / "best.safetensors", sigma255=t.sigma[0],
                          scores={"val_psnr": round(mean, 4), "val_images": t.val_images},
                          train={"run": run.name, "step": step, "hours": round(elapsed / 3600, 3),
-                       "cpu_hours": round(cpu / 3600, 3),
-                                "crops": step * t.batch, "config": config_to_dict(cfg)})
+                                "cpu_hours": round(cpu / 3600, 3), "crops": step * t.batch, "machine": where,
+                                "config": config_to_dict(cfg)})
         plot_curve(run)
         checkpoint()  # so that best.safetensors is never ahead of the resumable state
 

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["info", "denoise", "eval", "train", "export", "bench", "experiment"]
+COMMANDS = ["info", "denoise", "eval", "train", "validate", "export", "bench", "experiment"]
 
 
 class UserError(Exception):

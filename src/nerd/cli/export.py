@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         train_meta = {"run": run_dir.name, "step": ckpt["step"], "hours": round(ckpt["elapsed_s"] / 3600, 3),
                       "crops": ckpt["step"] * cfg.train.batch, "config": config_to_dict(cfg)}
         sigma = cfg.train.sigma[0]
+    where = run_dir / "machine.json"  # runs trained before train.py wrote it into the metadata itself
+    if "machine" not in train_meta and where.is_file():
+        train_meta = {**train_meta, "machine": json.loads(where.read_text())}
     digest = save_weights(model, args.out, sigma255=sigma, scores=scores, train=train_meta)
     print(f"wrote {args.out} (sigma {sigma:g}, sha256 {digest[:16]}..., scores {scores})")
     return 0
