@@ -338,6 +338,20 @@ def model_card() -> str:
     return "\n".join(lines) if len(lines) > 2 else "_no weights shipped yet_"
 
 
+def validate_table() -> str:
+    """results/training/validate-shipped.json (`nerd validate ... --json`): weights files on the held-out crops."""
+    path = RESULTS / "training" / "validate-shipped.json"
+    if not path.is_file():
+        return "_not measured yet: `nerd validate ... --json results/training/validate-shipped.json`_"
+    data = json.loads(path.read_text())
+    lines = [f"| weights | sha256 | σ | val PSNR (dB), {len(data['val_images'])} held-out {data['val_crop']}² crops "
+             "| f-evaluations | converged |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in data["rows"]:
+        lines.append(f"| `{r['weights']}` | `{r['sha256']}` | {r['sigma']:g} | {r['val_psnr']:.4f} | {r['nfe']:.1f} "
+                     f"| {r['converged']:.0%} |")
+    return "\n".join(lines)
+
+
 def _optional(module: str, func: str, *args: object) -> str:
     try:
         mod = __import__(module, fromlist=[func])
@@ -359,6 +373,7 @@ BLOCKS = {
     "training-compare": lambda: training_table("cpu-"),
     "training-shipped": lambda: training_table("nerd-"),
     "model-card": model_card,
+    "validate-shipped": validate_table,
     "speed": speed_tables,
     "experiments": lambda: _optional("nerd.experiments", "markdown_summary", RESULTS / "experiments"),
 }
