@@ -179,7 +179,7 @@ def chained(runs: dict[str, dict], stages: tuple[str, ...], gpu: bool = False) -
     """(CPU-hours, validation PSNR) of each collected stage, each stage's hours counted from the end of the ones
     before it: the learning curve of weights grown stage by stage. Stages not collected are left out. With `gpu`,
     GPU wall-clock minutes instead of CPU-hours."""
-    clock, per = ("elapsed_s", 60.0) if gpu else ("cpu_s", 3600.0)
+    clock, per, _ = _clock(gpu)
     curves, offset = {}, 0.0
     for name in (n for n in stages if n in runs):
         val = runs[name]["validation"]
@@ -206,7 +206,7 @@ def plot_stages() -> Path | None:
     rows = 2 if gpu_runs else 1
     fig, axes = plt.subplots(rows, 3, figsize=(13, 3.6 * rows), squeeze=False)
     for row, (group, gpu) in enumerate(((cpu_runs, False), (gpu_runs, True))[:rows]):
-        clock, per = ("elapsed_s", 60.0) if gpu else ("cpu_s", 3600.0)
+        clock, per, _ = _clock(gpu)
         for ax, sigma in zip(axes[row], (15, 25, 50), strict=True):
             stages = GPU_SIGMA25_STAGES if gpu else SIGMA25_STAGES
             if sigma == 25:
@@ -255,10 +255,10 @@ def compute_label(summary: dict) -> str:
     return f"{summary['cpu_hours']:.2f} CPU-h"
 
 
-def _clock(summary: dict) -> tuple[str, float, str]:
+def _clock(gpu: bool) -> tuple[str, float, str]:
     """(val.csv column, seconds per unit, unit suffix) of a run's compute: CPU seconds in hours, or GPU
     wall-clock seconds in minutes."""
-    return ("elapsed_s", 60.0, "m") if on_gpu(summary) else ("cpu_s", 3600.0, "h")
+    return ("elapsed_s", 60.0, "m") if gpu else ("cpu_s", 3600.0, "h")
 
 
 def last_doubling_gain(validation: list[dict[str, float]], clock: str = "cpu_s") -> float | None:
@@ -282,7 +282,7 @@ def training_table(prefix: str) -> str:
     summaries = [json.loads(p.read_text()) for p in (RESULTS / "training").glob(f"{prefix}*.json")]
     for s in sorted(summaries, key=lambda s: (on_gpu(s), s["run"])):  # this CPU's runs, then a GPU's
         m, t, g = s["config"]["model"], s["config"]["train"], s["config"]["grad"]
-        clock, per, unit = _clock(s)
+        clock, per, unit = _clock(on_gpu(s))
         curve = ", ".join(f"{r['val_psnr']:.2f}@{r[clock] / per:.2f}{unit}" for r in s["validation"])
         gain = last_doubling_gain(s["validation"], clock)
         rows.append(

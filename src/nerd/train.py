@@ -303,7 +303,8 @@ def train(
     def time_up() -> bool:  # a run whose length is a time budget (train.minutes); all ranks agree
         return t.minutes > 0 and distributed.any_rank(elapsed >= 60 * t.minutes, dev)
 
-    finished_before = step >= total or time_up()  # resuming a finished run changes nothing
+    ended = step >= total or time_up()  # the run's length is reached: steps, or its time budget
+    finished_before = ended  # resuming a finished run changes nothing
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -312,7 +313,7 @@ def train(
     started, last_ckpt = time.monotonic(), time.monotonic()
     t_step, c_step = time.monotonic(), time.process_time()
     try:
-        while step < total and not time_up():
+        while not ended:
             x, y, sigma = sampler.sample(t.batch)
             lo, hi = rank * t.batch // world, (rank + 1) * t.batch // world
             x, y, sigma = x[lo:hi].to(dev), y[lo:hi].to(dev), sigma[lo:hi].to(dev)
@@ -349,7 +350,8 @@ def train(
                 _append_csv(run / "log.csv", LOG_FIELDS, row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss.item():.2e}", nfe=row["nfe"], res=row["rel_residual"])
-            if t.val_every and step % t.val_every == 0 and step < total and not time_up():
+            ended = step >= total or time_up()  # once a step: under DDP each time_up() is an all-reduce
+            if t.val_every and step % t.val_every == 0 and not ended:
                 run_validation()
                 t_step, c_step = time.monotonic(), time.process_time()  # validation is not training time
             if time.monotonic() - last_ckpt > 60 * t.checkpoint_minutes:
@@ -359,12 +361,12 @@ def train(
                 max_cpu_minutes is not None and cpu > 60 * max_cpu_minutes
             )
             budget_spent = distributed.any_rank(budget_spent, dev)
-            if budget_spent and step < total and not time_up() and t.val_every and step % t.val_every:
+            if budget_spent and not ended and t.val_every and step % t.val_every:
                 run_validation()  # a budgeted run ends with a validation figure (a comparison's end point)
             stop_now = stop["signal"] is not None or (stop_after is not None and step >= stop_after) or budget_spent
             if distributed.any_rank(stop_now, dev):
                 break
-        if (step >= total or time_up()) and not finished_before:
+        if ended and not finished_before:
             run_validation()
         checkpoint()
     finally:
