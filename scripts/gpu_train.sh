@@ -11,9 +11,10 @@
 #
 # Prepare here (../shared does not travel to the device machine; device_data/ is git-ignored and carried):
 #   mkdir -p device_data && cp -r ../shared/data/Train400 device_data/
-#   nerd export runs/nerd-s25d --last --out device_data/nerd-s25d.safetensors
+#   nerd export runs/nerd-s25d --last --out device_data/nerd-s25d.safetensors   (each config's `init`)
 # Then, through the device tool: `bash scripts/gpu_train.sh` with carry ["device_data"]. RUNS picks other recipes
-# of configs/gpu/ (RUNS="s25b s15 s50" continued from the first call's sigma-25 result; see their headers).
+# of configs/gpu/ (RUNS="s25b s15 s50" continued from the first call's sigma-25 result; RUNS=m25b continues the
+# wider model, the next GPU session's run; see their headers).
 # Test on the CPU first: DEVICE=cpu STEPS=2 OUT=/tmp/gpu_out bash scripts/gpu_train.sh
 # Unpack what came back into runs/: tar xzf nerd-s25-gpu.tgz -C runs
 set -u
@@ -32,8 +33,16 @@ log="$OUT/gpu_train.log"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 } >"$log"
-test -f device_data/nerd-s25d.safetensors && test -d device_data/Train400 \
-  || { echo "device_data/ is missing: see the header of $0" | tee -a "$log"; exit 2; }
+# Everything the chosen runs need must have travelled: Train400 and each config's warm start (`init = "..."`).
+missing=""
+test -d device_data/Train400 || missing="device_data/Train400"
+for r in $RUNS; do
+  cfg=configs/gpu/nerd-$r-gpu.toml
+  test -f "$cfg" || { missing="$missing $cfg"; continue; }
+  init=$(sed -n 's/^init = "\(.*\)"$/\1/p' "$cfg")
+  test -z "$init" || test -f "$init" || missing="$missing $init"
+done
+test -z "$missing" || { echo "missing:$missing (see the header of $0)" | tee -a "$log"; exit 2; }
 
 run_one() {  # run_one NAME: train configs/gpu/nerd-NAME-gpu.toml, retrying in float32 if bf16 fails at once
   local name=nerd-$1-gpu cfg=configs/gpu/nerd-$1-gpu.toml rc

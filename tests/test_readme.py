@@ -63,7 +63,8 @@ def test_gpu_runs_count_gpu_minutes_not_cpu_hours(tmp_path, monkeypatch):
     gpu = {"machine": {"device": "cuda", "name": "NVIDIA H100 80GB HBM3"}, "wall_hours": 0.1, "cpu_hours": 0.25,
            "validation": [{"cpu_s": 450.0, "elapsed_s": 180.0, "val_psnr": 27.4},
                           {"cpu_s": 900.0, "elapsed_s": 360.0, "val_psnr": 27.5}]}
-    cpu = {"wall_hours": 3.0, "cpu_hours": 2.0, "validation": [{"cpu_s": 3600.0, "elapsed_s": 5400.0, "val_psnr": 27.0}]}
+    cpu = {"wall_hours": 3.0, "cpu_hours": 2.0,
+           "validation": [{"cpu_s": 3600.0, "elapsed_s": 5400.0, "val_psnr": 27.0}]}
     assert readme.compute_label(gpu) == "6.0 H100-min" and readme.compute_label(cpu) == "2.00 CPU-h"
     # the GPU stage's own clock is its wall-clock time: 3 and 6 minutes, chained after a 6-minute stage
     curves = readme.chained({"a": gpu, "b": gpu}, ("a", "b"), gpu=True)

@@ -53,6 +53,23 @@ def test_resume_reproduces_uninterrupted_run(image_folder, tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_stage_started_from_a_checkpoint_carries_its_adam_moments(image_folder, tmp_path):
+    first = train(tiny_config(image_folder, steps=3), out=tmp_path / "first", progress=False)
+    old = torch.load(first / "last.pt", weights_only=False)
+    cfg = tiny_config(image_folder, steps=1)
+    cfg = replace(cfg, train=replace(cfg.train, init=str(first / "last.pt"), weight_decay=0.123, val_every=0))
+    new = torch.load(train(cfg, out=tmp_path / "second", progress=False) / "last.pt", weights_only=False)
+    assert new["step"] == 1  # a new stage: its own step count and schedule
+    groups = new["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.123, 0.0}  # this stage's hyper-parameters, not the first's
+    beta2 = cfg.train.betas[1]
+    for i, s in old["optimizer"]["state"].items():
+        carried = new["optimizer"]["state"][i]
+        assert int(carried["step"]) == int(s["step"]) + 1
+        # v_t = beta2 v_(t-1) + (1 - beta2) g^2 >= beta2 v_(t-1): true only if v_(t-1) came along
+        assert bool((carried["exp_avg_sq"] >= beta2 * s["exp_avg_sq"] * (1 - 1e-6)).all()), i
+
+
 def test_existing_run_needs_resume(image_folder, tmp_path):
     cfg = tiny_config(image_folder, steps=2)
     train(cfg, out=tmp_path / "r", progress=False)

@@ -149,7 +149,8 @@ class TrainConfig:
         threads: torch threads on the CPU (0: leave PyTorch's default).
         train_iters: solver iterations during training steps (0: the [solver] max_iter, which validation and
             the exported weights use).
-        init: weights (name or .safetensors path) to start from, e.g. sigma 25 weights to fine-tune for 15/50.
+        init: weights (name or .safetensors path) to start from, e.g. sigma 25 weights to fine-tune for 15/50,
+            or a run's checkpoint (`runs/<name>/last.pt`), whose AdamW moments are carried over as well.
         minutes: when > 0, the run's length is this much training time (validation excluded) rather than a step
             count: the cosine schedule follows the elapsed fraction of it, so a run on an unknown machine still
             decays to `lr_min` when its time is up; `steps` (if > 0) stays an upper bound.

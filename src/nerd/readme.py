@@ -175,7 +175,9 @@ SIGMA25_STAGES = ("cpu-B-s25", "nerd-s25", "nerd-s25b", "nerd-s25c", "nerd-s25d"
 GPU_SIGMA25_STAGES = ("nerd-s25-gpu", "nerd-s25b-gpu")
 
 
-def chained(runs: dict[str, dict], stages: tuple[str, ...], gpu: bool = False) -> dict[str, tuple[list[float], list[float]]]:
+def chained(
+    runs: dict[str, dict], stages: tuple[str, ...], gpu: bool = False
+) -> dict[str, tuple[list[float], list[float]]]:
     """(CPU-hours, validation PSNR) of each collected stage, each stage's hours counted from the end of the ones
     before it: the learning curve of weights grown stage by stage. Stages not collected are left out. With `gpu`,
     GPU wall-clock minutes instead of CPU-hours."""
@@ -212,7 +214,7 @@ def plot_stages() -> Path | None:
             if sigma == 25:
                 for name, (xs, ys) in chained(group, stages, gpu).items():
                     ax.plot(xs, ys, marker="o", ms=3, label=name)
-            others = sorted(n for n in group if n.startswith(f"nerd-") and f"{sigma}" in n.split("-")[1]
+            others = sorted(n for n in group if n.startswith("nerd-") and f"{sigma}" in n.split("-")[1]
                             and not (sigma == 25 and n in stages))
             for name in others:
                 val = group[name]["validation"]
@@ -327,7 +329,8 @@ def model_card() -> str:
         init = train.get("config", {}).get("train", {}).get("init", "")
         machine = train.get("machine", {})
         if machine.get("device") == "cuda":  # GPU wall-clock minutes (the process CPU time means nothing there)
-            spent = f"{train.get('hours', 0) * 60:.1f} min on one {machine.get('name', 'GPU')} ({machine.get('precision')})"
+            gpu_name, precision = machine.get("name", "GPU"), machine.get("precision")
+            spent = f"{train.get('hours', 0) * 60:.1f} min on one {gpu_name} ({precision})"
         else:
             spent = f"{train.get('cpu_hours', train.get('hours', 0)):.2f} CPU-h"
         trained = (f"{train.get('crops', 0):,} crops, {spent}"

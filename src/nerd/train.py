@@ -155,6 +155,26 @@ def plot_curve(run: Path) -> Path | None:
     return out
 
 
+def _load_init(model: DEQDenoiser, init: str) -> dict | None:
+    """Load the weights a new stage starts from; returns the optimiser moments to carry over, if any.
+
+    `init` is a weights file (shipped name or .safetensors: a fresh AdamW) or a run's checkpoint `last.pt`, whose
+    AdamW moments come along: a fresh AdamW's first steps move every weight by about lr regardless of its gradient's
+    size, which costs a trained model validation PSNR that the next few hundred steps only win back.
+    """
+    if init.endswith(".pt"):
+        state = torch.load(init, map_location="cpu", weights_only=False)
+        if set(state) < {"model", "optimizer"}:
+            raise ValueError(f"init {init}: not a training checkpoint (no model or optimizer state)")
+        model.load_state_dict(state["model"])
+        return state["optimizer"]["state"]
+    from nerd.weights import load_weights
+
+    init_model, _ = load_weights(init)
+    model.load_state_dict(init_model.state_dict())
+    return None
+
+
 def train(
     cfg: Config,
     *,
@@ -209,11 +229,9 @@ def train(
     val_sets = {s: validation_pairs(val_images, s, t.val_crop) for s in t.sigma}
 
     model = DEQDenoiser(cfg.model, solver=cfg.solver, grad=cfg.grad)
-    if t.init and ckpt is None:  # fine-tune from exported weights (e.g. sigma 25 -> 15/50)
-        from nerd.weights import load_weights
-
-        init_model, _ = load_weights(t.init)
-        model.load_state_dict(init_model.state_dict())
+    init_moments = None
+    if t.init and ckpt is None:  # a new stage from earlier weights (e.g. sigma 25 -> 15/50, or a longer run)
+        init_moments = _load_init(model, t.init)
     model.to(dev).train()
     if world > 1:  # before the optimiser is built: the CPU variant replaces the BatchNorm modules
         distributed.sync_batchnorm(model, dev)
@@ -225,6 +243,8 @@ def train(
         lr=t.lr,
         betas=t.betas,
     )
+    if init_moments is not None:  # the moments only: this stage's lr, betas and weight decay are its own
+        optimizer.load_state_dict({"state": init_moments, "param_groups": optimizer.state_dict()["param_groups"]})
     step, elapsed, cpu, best = 0, 0.0, 0.0, -math.inf
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
