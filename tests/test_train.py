@@ -68,6 +68,10 @@ def test_a_stage_started_from_a_checkpoint_carries_its_adam_moments(image_folder
         assert int(carried["step"]) == int(s["step"]) + 1
         # v_t = beta2 v_(t-1) + (1 - beta2) g^2 >= beta2 v_(t-1): true only if v_(t-1) came along
         assert bool((carried["exp_avg_sq"] >= beta2 * s["exp_avg_sq"] * (1 - 1e-6)).all()), i
+    torch.save({"model": old["model"]}, tmp_path / "weights-only.pt")  # no optimiser state: refused, clearly
+    cfg = replace(cfg, train=replace(cfg.train, init=str(tmp_path / "weights-only.pt")))
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        train(cfg, out=tmp_path / "third", progress=False)
 
 
 def test_existing_run_needs_resume(image_folder, tmp_path):

@@ -164,7 +164,7 @@ def _load_init(model: DEQDenoiser, init: str) -> dict | None:
     """
     if init.endswith(".pt"):
         state = torch.load(init, map_location="cpu", weights_only=False)
-        if set(state) < {"model", "optimizer"}:
+        if not isinstance(state, dict) or not {"model", "optimizer"} <= set(state):
             raise ValueError(f"init {init}: not a training checkpoint (no model or optimizer state)")
         model.load_state_dict(state["model"])
         return state["optimizer"]["state"]
