@@ -62,10 +62,15 @@ run_one() {  # run_one NAME: train configs/gpu/nerd-NAME-gpu.toml, retrying in f
   echo "$name: rc $rc after $(($(date +%s) - start)) s" >>"$log"
 }
 
+# A run folder left by an earlier call on the same warm machine would refuse a new run (and block the fp32 retry);
+# each call already returned its runs as archives, so start clean.
+for r in $RUNS; do rm -rf "gpu_runs/nerd-$r-gpu" "gpu_runs/nerd-$r-gpu.log" "gpu_runs/nerd-$r-gpu-fp32.toml"; done
 for r in $RUNS; do run_one "$r" & done
-while [ -n "$(jobs -r)" ]; do  # a GPU snapshot a minute, for the record
-  sleep 60
-  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >>"$log" 2>&1 || true
+ticks=0
+while [ -n "$(jobs -r)" ]; do  # poll often (the archives must be written before the call's limit); a GPU snapshot a minute
+  sleep 5
+  ticks=$((ticks + 1))
+  [ $((ticks % 12)) -eq 0 ] && { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >>"$log" 2>&1 || true; }
 done
 wait
 for r in $RUNS; do
