@@ -308,3 +308,17 @@ def test_bm3d_runs_on_two_set12_images() -> None:
     noisy = 20 * math.log10(255 / 25)  # ~20.2 dB before clipping
     for row in report.rows:
         assert noisy + 6 < row.psnr < 40 and 0.6 < row.ssim < 1
+
+
+def test_scores_are_ieee_float32_on_any_device_and_settings_are_restored():
+    from nerd.evaluate import ieee_fp32
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for cuDNN convolutions
+    try:
+        with pytest.raises(RuntimeError), ieee_fp32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+            raise RuntimeError("an image failed")
+        assert torch.backends.cudnn.allow_tf32  # restored, also after an error
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -44,6 +44,19 @@ def test_results_table_leaves_out_records_of_replaced_weights(tmp_path, monkeypa
     assert set(readme._load_evals()) == {("nerd", "Set-now", 25)}
 
 
+def test_results_table_marks_seconds_measured_on_a_gpu(tmp_path, monkeypatch):
+    sha = read_metadata(shipped()["nerd-s25"])["sha256"]
+    (tmp_path / "eval").mkdir()
+    for set_name, device in (("Set12", "cpu"), ("Urban100", "cuda:0")):
+        record = {"method": "nerd", "set": set_name, "sigma": 25.0, "limit": None,
+                  "means": {"psnr": 30.0, "ssim": 0.9, "seconds": 2.0, "nfe": 17.0},
+                  "meta": {"device": device, "sha256": sha, "solver": {"max_iter": 17}}}
+        (tmp_path / "eval" / f"eval-nerd-{set_name}.json").write_text(json.dumps(record))
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    rows = {r.split(" | ")[0].strip("| "): r for r in readme.results_table().splitlines() if "| 25 |" in r}
+    assert "| 2.0 (GPU) |" in rows["Urban100"] and "| 2.0 |" in rows["Set12"]
+
+
 def test_stage_plot_chains_the_sigma25_stages(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     (tmp_path / "training").mkdir()

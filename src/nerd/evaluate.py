@@ -8,11 +8,12 @@ to [0, 1], PSNR and SSIM in float64 against x. A set's figure is the mean over i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,21 @@ from nerd.models.nerd import DEQDenoiser
 Method = Denoiser | Callable[[Tensor, float], Tensor]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SSIM_MIN_SIDE = 11  # Wang's Gaussian window: sigma 1.5 truncated at 3.5 sigma
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Score in IEEE float32 on a GPU too; the previous settings are restored afterwards.
+
+    PyTorch lets cuDNN run float32 convolutions in TF32 (a 10-bit mantissa) on Ampere and later GPUs by default, so a
+    score would depend on the card; the protocol's figures are float32 on every device. No effect on a CPU.
+    """
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 class EvalError(ValueError):
@@ -291,7 +307,7 @@ def evaluate(
             raise EvalError(f"{path}: {x.shape[0]}x{x.shape[1]} is smaller than SSIM's 11x11 window")
         y = torch.from_numpy(protocol_noisy(x, sigma255)).float()[None, None].to(device)  # (1, 1, H, W)
         nfe = residual = converged = None
-        with torch.no_grad():
+        with torch.no_grad(), ieee_fp32():
             _sync(device)
             start = time.perf_counter()
             if is_deq:

@@ -66,6 +66,8 @@ def results_table() -> str:
                 cells.append(f"{data['means']['psnr']:.2f} / {data['means']['ssim']:.4f}" if data else "not measured")
             iters = f"{nerd['means']['nfe']:.1f}" if nerd and nerd["means"].get("nfe") is not None else "–"
             secs = f"{nerd['means']['seconds']:.1f}" if nerd else "–"
+            if nerd and str(nerd.get("meta", {}).get("device", "cpu")).startswith("cuda"):
+                secs += " (GPU)"  # scored on a lent GPU (same float32 protocol); its seconds are not this CPU's
             paper = PAPER_NERD.get((set_name, sigma))
             paper_cell = f"{paper[0]:.2f} / {paper[1]:.4f}" if paper else "–"
             row = [set_name, str(sigma), cells[0], iters, secs, cells[1], cells[2], paper_cell]

@@ -33,7 +33,7 @@ from torch import Tensor
 from nerd import distributed
 from nerd.config import Config, config_from_dict, config_to_dict
 from nerd.data.patches import PatchSampler, load_folder, validation_pairs
-from nerd.evaluate import default_data_root
+from nerd.evaluate import default_data_root, ieee_fp32
 from nerd.models import DEQDenoiser
 from nerd.weights import save_weights
 
@@ -97,12 +97,14 @@ def _truncate_csv(path: Path, step: int) -> None:
 
 @torch.no_grad()
 def validate(model: DEQDenoiser, pairs: list[tuple[Tensor, Tensor]], sigma255: float, device: torch.device) -> dict:
-    """Mean PSNR (clipped output, float64) and solver statistics over fixed validation pairs."""
+    """Mean PSNR (clipped output, float64) and solver statistics over fixed validation pairs (IEEE float32 on a GPU
+    too: the figure decides which weights are kept)."""
     was_training = model.training
     model.eval()
     psnrs, nfes, res, conv = [], [], [], []
     for x, y in pairs:
-        eq = model.equilibrium(y.to(device), sigma255 / 255.0)
+        with ieee_fp32():
+            eq = model.equilibrium(y.to(device), sigma255 / 255.0)
         mse = (eq.x_hat.clamp(0, 1).double().cpu() - x.double()).pow(2).mean().item()
         psnrs.append(10 * math.log10(1 / max(mse, 1e-20)))
         nfes.append(eq.stats.nfe.float().mean().item())

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Score the shipped NERD weights on a benchmark set on a lent GPU, with the device time a training call left over
+# (Urban100 is ~6 minutes an image on this 2-core CPU: 10 hours a sigma; a GPU's time per image is not measured yet).
+#
+# `nerd eval` scores in IEEE float32 on a GPU too (TF32 off), under the one protocol, so the figures stand beside the
+# CPU's; the README marks their seconds "(GPU)". Reports go straight into $OUT: a call stopped at its limit still
+# returns the finished images (the .partial file, rewritten after every image), and the same command continues it
+# (the script first copies any partial file of results/eval into $OUT), here or on the GPU later.
+#
+# Prepare here (../shared does not travel; device_eval/ is git-ignored and carried; the tree and what is carried
+# must stay under 64 MiB together, and Urban100 is 47 MB):
+#   mkdir -p device_eval && cp -r ../shared/data/Urban100 device_eval/
+# Then, through the device tool: `SIGMAS=25 bash scripts/gpu_eval.sh` with carry ["device_eval"] (one sigma first,
+# 100 images; SIGMAS="25 15 50" for all three once the time per image is known).
+# Back here: cp <files_at>/eval/eval-nerd-*.json* results/eval/ && python -m nerd.readme
+# Test on the CPU first: mkdir -p device_eval && cp -r ../shared/data/Set12 device_eval/ &&
+#   DEVICE=cpu SETS=Set12 LIMIT=1 SIGMAS=25 OUT=/tmp/gpu_eval bash scripts/gpu_eval.sh
+set -u
+OUT=${OUT:-gpu_out}
+DEVICE=${DEVICE:-cuda}
+SETS=${SETS:-Urban100}
+SIGMAS=${SIGMAS:-25}
+LIMIT=${LIMIT:-}
+mkdir -p "$OUT/eval"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY='import sys; from nerd.cli import main; sys.exit(main(sys.argv[1:]))'
+log="$OUT/gpu_eval.log"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+} >"$log"
+for s in $SETS; do
+  test -d "device_eval/$s" || { echo "device_eval/$s is missing: see the header of $0" | tee -a "$log"; exit 2; }
+  cp results/eval/eval-nerd-nerd-s*-"$s"-s*.json.partial "$OUT/eval/" 2>/dev/null  # continue an earlier call's
+done
+# shellcheck disable=SC2086  # SETS and SIGMAS are lists
+python3 -c "$PY" eval --method nerd --sets $SETS --sigma $SIGMAS --data device_eval --device "$DEVICE" \
+  --out "$OUT/eval" --no-progress ${LIMIT:+--limit "$LIMIT"} >>"$log" 2>&1
+rc=$?
+echo "rc $rc" >>"$log"
+cat "$log"
+exit $rc
