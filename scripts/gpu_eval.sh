@@ -5,14 +5,17 @@
 # `nerd eval` scores in IEEE float32 on a GPU too (TF32 off), under the one protocol, so the figures stand beside the
 # CPU's; the README marks their seconds "(GPU)". Reports go straight into $OUT: a call stopped at its limit still
 # returns the finished images (the .partial file, rewritten after every image), and the same command continues it
-# (the script first copies any partial file of results/eval into $OUT), here or on the GPU later.
+# (the script first copies the matching partial files of results/eval into $OUT). A set begun on one machine can be
+# finished on another with the same settings: `nerd eval --method nerd --sets Urban100 --sigma 25` here (no
+# --compile, which changes float32 rounding and so is part of a partial file's key).
 #
 # Prepare here (../shared does not travel; device_eval/ is git-ignored and carried; the tree and what is carried
 # must stay under 64 MiB together, and Urban100 is 47 MB):
 #   mkdir -p device_eval && cp -r ../shared/data/Urban100 device_eval/
 # Then, through the device tool: `SIGMAS=25 bash scripts/gpu_eval.sh` with carry ["device_eval"] (one sigma first,
 # 100 images; SIGMAS="25 15 50" for all three once the time per image is known).
-# Back here: cp <files_at>/eval/eval-nerd-*.json* results/eval/ && python -m nerd.readme
+# Back here (F: the reply's files_at): cp F/eval/eval-nerd-*.json F/eval/eval-nerd-*.json.partial results/eval/,
+# then remove each results/eval/*.partial whose report (.json) now exists, and run `python -m nerd.readme`.
 # Test on the CPU first: mkdir -p device_eval && cp -r ../shared/data/Set12 device_eval/ &&
 #   DEVICE=cpu SETS=Set12 LIMIT=1 SIGMAS=25 OUT=/tmp/gpu_eval bash scripts/gpu_eval.sh
 set -u
@@ -32,7 +35,10 @@ log="$OUT/gpu_eval.log"
 } >"$log"
 for s in $SETS; do
   test -d "device_eval/$s" || { echo "device_eval/$s is missing: see the header of $0" | tee -a "$log"; exit 2; }
-  cp results/eval/eval-nerd-nerd-s*-"$s"-s*.json.partial "$OUT/eval/" 2>/dev/null  # continue an earlier call's
+  for g in $SIGMAS; do  # continue what an earlier call (or this CPU, same settings) began
+    f=results/eval/eval-nerd-nerd-s$g-$s-s$g.json.partial
+    test -f "$f" && cp "$f" "$OUT/eval/"
+  done
 done
 # shellcheck disable=SC2086  # SETS and SIGMAS are lists
 python3 -c "$PY" eval --method nerd --sets $SETS --sigma $SIGMAS --data device_eval --device "$DEVICE" \

@@ -153,11 +153,14 @@ def test_interrupted_eval_continues_from_its_partial_file(tmp_path: Path) -> Non
 
     fail = True
     with pytest.raises(KeyboardInterrupt):
-        evaluate(shrink, images, 25, set_name="S", progress=False, method_name="m", partial=part)
+        evaluate(shrink, images, 25, set_name="S", progress=False, method_name="m", partial=part,
+                 meta={"data": "/work/shared/data"})
     assert [r["name"] for r in json.loads(part.read_text())["rows"]] == ["00.png"]
 
     fail, calls[:] = False, []
-    resumed = evaluate(shrink, images, 25, set_name="S", progress=False, method_name="m", partial=part)
+    # finished on another machine, which keeps its copy of the set elsewhere (a lent GPU's device_eval/)
+    resumed = evaluate(shrink, images, 25, set_name="S", progress=False, method_name="m", partial=part,
+                       meta={"data": "device_eval"})
     assert len(calls) == 2 and resumed.meta["resumed_rows"] == 1  # only the two unfinished images ran
     calls[:] = []
     whole = evaluate(shrink, images, 25, set_name="S", progress=False, method_name="m")

@@ -41,6 +41,8 @@ def ieee_fp32() -> Iterator[None]:
     PyTorch lets cuDNN run float32 convolutions in TF32 (a 10-bit mantissa) on Ampere and later GPUs by default, so a
     score would depend on the card; the protocol's figures are float32 on every device. No effect on a CPU.
     """
+    # The allow_tf32 flags (not torch >= 2.9's fp32_precision knobs): they switch cuDNN's convolutions and RNNs
+    # together and work from torch 2.3 on; setting some of the newer knobs only would make later reads of these raise.
     conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -208,13 +210,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Entries of a report's meta that do not decide its rows: the device, threads and torch change timings only, and the
+# data root is only where a machine keeps the set (a lent GPU reads a copy); a set begun on one machine can be
+# finished on another with the same method, weights and settings.
+_NOT_IN_KEY = ("device", "threads", "torch", "data")
+
+
+def _partial_key(entries: dict[str, Any]) -> str:
+    """What must match for a partial file's rows to be reused."""
+    return json.dumps({k: v for k, v in entries.items() if k not in _NOT_IN_KEY}, sort_keys=True, default=str)
+
+
 def _read_partial(path: str | os.PathLike[str] | None, key: str) -> dict[str, Row]:
     """The rows of a partial file written under the same `key` (empty if none, unreadable or another key)."""
     if path is None or not Path(path).is_file():
         return {}
     try:
         data = json.loads(Path(path).read_text())
-        if data.get("key") != key:
+        if _partial_key(json.loads(data["key"])) != key:  # re-keyed: files written before "data" left the key
             return {}
         return {r["name"]: Row(**r) for r in data["rows"]}
     except (ValueError, KeyError, TypeError):
@@ -287,10 +300,7 @@ def evaluate(
     if is_deq:
         info["solver"] = asdict(solver or method.solver)
     info.update(meta or {})
-    # What must match for a partial file's rows to be reused (the device and threads change timings only).
-    key = json.dumps({"method": name, "set": set_name, "sigma": float(sigma255),
-                      **{k: v for k, v in info.items() if k not in ("device", "threads", "torch")}},
-                     sort_keys=True, default=str)
+    key = _partial_key({"method": name, "set": set_name, "sigma": float(sigma255), **info})
     done = _read_partial(partial, key)
     if partial is not None:
         # Provenance: these rows (their seconds too) come from an earlier, interrupted run.
