@@ -25,14 +25,9 @@ SETS=${SETS:-Urban100}
 SIGMAS=${SIGMAS:-25}
 LIMIT=${LIMIT:-}
 mkdir -p "$OUT/eval"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY='import sys; from nerd.cli import main; sys.exit(main(sys.argv[1:]))'
+. scripts/device_env.sh
 log="$OUT/gpu_eval.log"
-{
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-} >"$log"
+device_header >"$log"
 for s in $SETS; do
   test -d "device_eval/$s" || { echo "device_eval/$s is missing: see the header of $0" | tee -a "$log"; exit 2; }
   for g in $SIGMAS; do  # continue what an earlier call (or this CPU, same settings) began

@@ -24,15 +24,10 @@ DEADLINE=${DEADLINE:-480}   # seconds after the start at which every run still g
 STEPS=${STEPS:-}            # an optimiser-step cap (for a CPU test of this script)
 RUNS=${RUNS:-"s25 m25"}
 mkdir -p "$OUT" gpu_runs
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY='import sys; from nerd.cli import main; sys.exit(main(sys.argv[1:]))'
+. scripts/device_env.sh
 start=$(date +%s)
 log="$OUT/gpu_train.log"
-{
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-} >"$log"
+device_header >"$log"
 # Everything the chosen runs need must have travelled: Train400 and each config's warm start (`init = "..."`).
 missing=""
 test -d device_data/Train400 || missing="device_data/Train400"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from nerd.data.patches import load_folder, validation_pairs
+from nerd.data.patches import dihedral, load_folder, undo_dihedral, validation_pairs
 from nerd.evaluate import default_data_root
 from nerd.weights import load_weights
 
@@ -31,14 +31,7 @@ def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
 
 def ensemble(model, y: torch.Tensor, sigma: float, solver, passes: int) -> torch.Tensor:  # noqa: ANN001
     """Mean of `passes` dihedral transforms of y, each denoised and transformed back."""
-    outs = []
-    for t in range(passes):
-        rot, flip = t % 4, t >= 4
-        v = torch.rot90(y, rot, (-2, -1))
-        v = v.flip(-1) if flip else v
-        out = model.equilibrium(v, sigma, solver=solver).x_hat
-        out = out.flip(-1) if flip else out
-        outs.append(torch.rot90(out, -rot, (-2, -1)))
+    outs = [undo_dihedral(model.equilibrium(dihedral(y, k), sigma, solver=solver).x_hat, k) for k in range(passes)]
     return torch.stack(outs).mean(0)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nerd.config import Config, GradConfig, SolverConfig, TrainConfig, load_config
-from nerd.data.patches import PatchSampler, dihedral
+from nerd.data.patches import PatchSampler, dihedral, undo_dihedral
 from nerd.models import preset_config
 from nerd.train import NonFiniteLoss, lr_at, train
 from nerd.weights import load_weights
@@ -117,6 +117,8 @@ def test_dihedral_group_has_eight_distinct_invertible_elements():
     x = torch.arange(12.0).reshape(1, 3, 4)
     outs = [dihedral(x, k) for k in range(8)]
     assert len({tuple(o.flatten().tolist()) + tuple(o.shape) for o in outs}) == 8
+    for k, o in enumerate(outs):
+        assert torch.equal(undo_dihedral(o, k), x), k
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -36,7 +36,7 @@ SSIM_MIN_SIDE = 11  # Wang's Gaussian window: sigma 1.5 truncated at 3.5 sigma
 
 @contextlib.contextmanager
 def ieee_fp32() -> Iterator[None]:
-    """Score in IEEE float32 on a GPU too; the previous settings are restored afterwards.
+    """Score in IEEE float32 on a GPU too; the previous settings are restored afterwards (a context or a decorator).
 
     PyTorch lets cuDNN run float32 convolutions in TF32 (a 10-bit mantissa) on Ampere and later GPUs by default, so a
     score would depend on the card; the protocol's figures are float32 on every device. No effect on a CPU.
@@ -243,6 +243,7 @@ def _write_partial(path: str | os.PathLike[str], key: str, rows: list[Row]) -> N
     os.replace(tmp, path)
 
 
+@ieee_fp32()
 def evaluate(
     method: Method,
     images: Sequence[str | os.PathLike[str]],
@@ -317,7 +318,7 @@ def evaluate(
             raise EvalError(f"{path}: {x.shape[0]}x{x.shape[1]} is smaller than SSIM's 11x11 window")
         y = torch.from_numpy(protocol_noisy(x, sigma255)).float()[None, None].to(device)  # (1, 1, H, W)
         nfe = residual = converged = None
-        with torch.no_grad(), ieee_fp32():
+        with torch.no_grad():
             _sync(device)
             start = time.perf_counter()
             if is_deq:

@@ -96,6 +96,7 @@ def _truncate_csv(path: Path, step: int) -> None:
 
 
 @torch.no_grad()
+@ieee_fp32()
 def validate(model: DEQDenoiser, pairs: list[tuple[Tensor, Tensor]], sigma255: float, device: torch.device) -> dict:
     """Mean PSNR (clipped output, float64) and solver statistics over fixed validation pairs (IEEE float32 on a GPU
     too: the figure decides which weights are kept)."""
@@ -103,8 +104,7 @@ def validate(model: DEQDenoiser, pairs: list[tuple[Tensor, Tensor]], sigma255: f
     model.eval()
     psnrs, nfes, res, conv = [], [], [], []
     for x, y in pairs:
-        with ieee_fp32():
-            eq = model.equilibrium(y.to(device), sigma255 / 255.0)
+        eq = model.equilibrium(y.to(device), sigma255 / 255.0)
         mse = (eq.x_hat.clamp(0, 1).double().cpu() - x.double()).pow(2).mean().item()
         psnrs.append(10 * math.log10(1 / max(mse, 1e-20)))
         nfes.append(eq.stats.nfe.float().mean().item())

@@ -24,6 +24,12 @@ def dihedral(x: Tensor, k: int) -> Tensor:
     return torch.flip(x, dims=(-1,)) if k >= 4 else x
 
 
+def undo_dihedral(x: Tensor, k: int) -> Tensor:
+    """The inverse of `dihedral(., k)`: undo the flip, then the quarter turns."""
+    x = torch.flip(x, dims=(-1,)) if k >= 4 else x
+    return torch.rot90(x, -(k % 4), dims=(-2, -1))
+
+
 def load_folder(folder: str | os.PathLike[str], holdout: int) -> tuple[list[Tensor], list[Tensor], list[Path]]:
     """Read every image of `folder` (sorted by name) as (1, H, W) float32 tensors in [0, 1].
 
