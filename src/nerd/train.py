@@ -157,24 +157,53 @@ def plot_curve(run: Path) -> Path | None:
     return out
 
 
-def _load_init(model: DEQDenoiser, init: str) -> dict | None:
+def _param_groups(model: DEQDenoiser) -> tuple[list[str], list[str]]:
+    """Parameter names with weight decay and without (biases, norms, weight norm's magnitudes), in the order
+    AdamW numbers them."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or "original0" in name else decay).append(name)
+    return decay, no_decay
+
+
+def _load_init(model: DEQDenoiser, init: str, seed: int = 0) -> dict | None:
     """Load the weights a new stage starts from; returns the optimiser moments to carry over, if any.
 
     `init` is a weights file (shipped name or .safetensors: a fresh AdamW) or a run's checkpoint `last.pt`, whose
     AdamW moments come along: a fresh AdamW's first steps move every weight by about lr regardless of its gradient's
     size, which costs a trained model validation PSNR that the next few hundred steps only win back.
+    A model whose config differs from this run's only by an integer multiple of `expansion` is widened on the way
+    in (`nerd.models.grow`: same function, copies made distinct by a 1e-2 noise drawn from `seed`).
     """
+    moments = None
     if init.endswith(".pt"):
         state = torch.load(init, map_location="cpu", weights_only=False)
         if not isinstance(state, dict) or not {"model", "optimizer"} <= set(state):
             raise ValueError(f"init {init}: not a training checkpoint (no model or optimizer state)")
-        model.load_state_dict(state["model"])
-        return state["optimizer"]["state"]
-    from nerd.weights import load_weights
+        init_cfg = config_from_dict(state["config"]).model
+        weights, moments = state["model"], state["optimizer"]["state"]
+    else:
+        from nerd.weights import load_weights
 
-    init_model, _ = load_weights(init)
-    model.load_state_dict(init_model.state_dict())
-    return None
+        init_model, _ = load_weights(init)
+        init_cfg, weights = init_model.cfg, init_model.state_dict()
+    factor = model.cfg.expansion // init_cfg.expansion
+    if init_cfg != model.cfg:
+        if replace(init_cfg, expansion=model.cfg.expansion) != model.cfg or model.cfg.expansion % init_cfg.expansion:
+            raise ValueError(f"init {init}: its model {init_cfg} is not this run's {model.cfg} (only `expansion` "
+                             "may differ, by an integer factor: the hidden layer is then widened)")
+        from nerd.models.grow import widen_hidden
+
+        g = torch.Generator().manual_seed(seed)
+        weights = widen_hidden(weights, init_cfg.groups, factor, noise=1e-2, generator=g)
+        if moments is not None:  # AdamW numbers its parameters; the widened model has the same names in order
+            names = [n for group in _param_groups(DEQDenoiser(init_cfg)) for n in group]
+            by_name = {names[i]: m for i, m in moments.items()}
+            wide = {key: widen_hidden({n: m[key] for n, m in by_name.items() if torch.is_tensor(m.get(key))},
+                                      init_cfg.groups, factor, moments=True) for key in ("exp_avg", "exp_avg_sq")}
+            moments = {i: {**m, **{key: wide[key][names[i]] for key in wide}} for i, m in moments.items()}
+    model.load_state_dict(weights)
+    return moments
 
 
 def train(
@@ -233,13 +262,12 @@ def train(
     model = DEQDenoiser(cfg.model, solver=cfg.solver, grad=cfg.grad)
     init_moments = None
     if t.init and ckpt is None:  # a new stage from earlier weights (e.g. sigma 25 -> 15/50, or a longer run)
-        init_moments = _load_init(model, t.init)
+        init_moments = _load_init(model, t.init, t.seed)
     model.to(dev).train()
     if world > 1:  # before the optimiser is built: the CPU variant replaces the BatchNorm modules
         distributed.sync_batchnorm(model, dev)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or "original0" in name else decay).append(p)
+    params = dict(model.named_parameters())
+    decay, no_decay = ([params[n] for n in names] for names in _param_groups(model))
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=t.lr,
@@ -332,6 +360,8 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, desc=run.name, unit="step", dynamic_ncols=True)
+    if t.init and ckpt is None and t.val_every and not ended:
+        run_validation()  # step 0 of a stage: where its init stands (best.safetensors must then beat it)
     started, last_ckpt = time.monotonic(), time.monotonic()
     t_step, c_step = time.monotonic(), time.process_time()
     try:
