@@ -64,6 +64,27 @@ def test_noise_makes_the_copies_distinct_and_changes_the_function_only_slightly(
     assert 0 < gap < 0.05
 
 
+@pytest.mark.parametrize("weight_norm", [True, False])
+def test_widened_moments_follow_the_wide_models_gradients(weight_norm):
+    """Carried AdamW moments must be what the wide model's own gradients would have made of them: the narrow
+    gradient (and its square), widened as a moment, equals the wide gradient (and its square)."""
+    cfg = replace(preset_config("tiny"), weight_norm=weight_norm)
+    narrow = _trained_looking(cfg).train()
+    wide = DEQDenoiser(replace(cfg, expansion=cfg.expansion * 2), solver=narrow.solver).train()
+    wide.load_state_dict(widen_hidden(narrow.state_dict(), cfg.groups, 2))
+    torch.manual_seed(3)
+    x = torch.rand(2, 1, 11, 9)
+    y = x + 0.1 * torch.randn_like(x)
+    grads = {}
+    for name, model in (("narrow", narrow), ("wide", wide)):
+        torch.nn.functional.mse_loss(model(y), x).backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for power in (1, 2):
+        carried = widen_hidden({n: g**power for n, g in grads["narrow"].items()}, cfg.groups, 2, moment=power)
+        for n, g in grads["wide"].items():  # float32 round-off through the solve: ~1e-5 relative
+            assert (carried[n] - g**power).norm() <= 1e-4 * (g**power).norm(), n
+
+
 def test_a_stage_can_start_wider_than_its_checkpoint(image_folder, tmp_path):
     first = train(tiny_config(image_folder, steps=3), out=tmp_path / "first", progress=False)
     cfg = tiny_config(image_folder, steps=1)
@@ -76,12 +97,16 @@ def test_a_stage_can_start_wider_than_its_checkpoint(image_folder, tmp_path):
     assert abs(start - narrow_end) < 0.02  # a stage validates its init first; widening kept the function
     old = torch.load(first / "last.pt", weights_only=False)
     assert new["model"]["layer.conv1.bias"].shape[0] == 2 * old["model"]["layer.conv1.bias"].shape[0]
+    beta2 = cfg.train.betas[1]
+    old_sq = {_name(old, i): s["exp_avg_sq"] for i, s in old["optimizer"]["state"].items()}
+    before = widen_hidden(old_sq, cfg.model.groups, 2, moment=2)  # the old second moments, widened as moments
     for i, s in old["optimizer"]["state"].items():  # the moments came along, widened like their parameters
-        carried = new["optimizer"]["state"][i]
+        carried, name = new["optimizer"]["state"][i], _name(new, i)
         assert int(carried["step"]) == int(s["step"]) + 1
-        assert carried["exp_avg_sq"].shape == new["model"][_name(new, i)].shape
+        assert carried["exp_avg_sq"].shape == new["model"][name].shape
+        assert bool((carried["exp_avg_sq"] >= beta2 * before[name] * (1 - 1e-6)).all()), name  # v_t >= beta2 v_t-1
     bad = replace(cfg, model=replace(cfg.model, channels=cfg.model.channels * 2))
-    with pytest.raises(ValueError, match="only `expansion` may differ"):
+    with pytest.raises(ValueError, match="`expansion` may differ only"):
         train(bad, out=tmp_path / "bad", progress=False)
 
 

@@ -89,3 +89,16 @@ def test_gpu_runs_count_gpu_minutes_not_cpu_hours(tmp_path, monkeypatch):
         (tmp_path / "training" / f"{name}.json").write_text(json.dumps(summary))
     monkeypatch.setattr(readme, "RESULTS", tmp_path)
     assert readme.plot_stages().stat().st_size > 1000  # a second row for the GPU runs
+
+
+def test_a_stages_step_0_validation_is_its_start_not_its_result(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "nerd-x"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {"batch": 4}}))
+    (run / "val.csv").write_text("step,elapsed_s,cpu_s,sigma,val_psnr\n0,0,0,25,27.5\n50,60,60,25,27.3\n"
+                                 "100,120,120,25,27.4\n")
+    (run / "log.csv").write_text("step,cpu_s,elapsed_s\n100,120,120\n")
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    summary = json.loads(readme.collect_run(run).read_text())
+    assert summary["init_val_psnr"] == 27.5 and summary["best_val_psnr"] == 27.4  # the init is not the best
+    assert [r["step"] for r in summary["validation"]] == [50, 100]

@@ -80,6 +80,9 @@ def collect_run(run: Path) -> Path:
     config = json.loads((run / "config.json").read_text())
     with open(run / "val.csv", newline="") as fh:
         val = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    # A stage started from earlier weights validates them at step 0: where it started, not what it reached.
+    init_val = next((r["val_psnr"] for r in val if r["step"] == 0), None)
+    val = [r for r in val if r["step"] > 0]
     log_rows = []
     if (run / "log.csv").exists():
         with open(run / "log.csv", newline="") as fh:
@@ -99,6 +102,7 @@ def collect_run(run: Path) -> Path:
         "wall_hours": float(last.get("elapsed_s", 0) or 0) / 3600 if last else 0.0,
         "crops": int(float(last.get("step", 0))) * config["train"]["batch"] if last else 0,
         "best_val_psnr": max((r["val_psnr"] for r in val), default=None),
+        "init_val_psnr": init_val,
     }
     out.write_text(json.dumps(summary, indent=1))
     return out
@@ -288,6 +292,8 @@ def training_table(prefix: str) -> str:
         m, t, g = s["config"]["model"], s["config"]["train"], s["config"]["grad"]
         clock, per, unit = _clock(on_gpu(s))
         curve = ", ".join(f"{r['val_psnr']:.2f}@{r[clock] / per:.2f}{unit}" for r in s["validation"])
+        if s.get("init_val_psnr") is not None:  # the stage's own weights at step 0
+            curve = f"init {s['init_val_psnr']:.2f}, {curve}"
         gain = last_doubling_gain(s["validation"], clock)
         rows.append(
             f"| {s['run']} | {m['channels']} / {m['heads']} / {m['window']} | {t['crop']}² × {t['batch']} | "

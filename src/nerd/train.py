@@ -187,11 +187,11 @@ def _load_init(model: DEQDenoiser, init: str, seed: int = 0) -> dict | None:
 
         init_model, _ = load_weights(init)
         init_cfg, weights = init_model.cfg, init_model.state_dict()
-    factor = model.cfg.expansion // init_cfg.expansion
-    if init_cfg != model.cfg:
+    if init_cfg.expansion != model.cfg.expansion:
+        factor = model.cfg.expansion // init_cfg.expansion
         if replace(init_cfg, expansion=model.cfg.expansion) != model.cfg or model.cfg.expansion % init_cfg.expansion:
-            raise ValueError(f"init {init}: its model {init_cfg} is not this run's {model.cfg} (only `expansion` "
-                             "may differ, by an integer factor: the hidden layer is then widened)")
+            raise ValueError(f"init {init}: its model {init_cfg} is not this run's {model.cfg} (`expansion` may "
+                             "differ only by an integer factor, with nothing else: the hidden layer is then widened)")
         from nerd.models.grow import widen_hidden
 
         g = torch.Generator().manual_seed(seed)
@@ -200,8 +200,10 @@ def _load_init(model: DEQDenoiser, init: str, seed: int = 0) -> dict | None:
             names = [n for group in _param_groups(DEQDenoiser(init_cfg)) for n in group]
             by_name = {names[i]: m for i, m in moments.items()}
             wide = {key: widen_hidden({n: m[key] for n, m in by_name.items() if torch.is_tensor(m.get(key))},
-                                      init_cfg.groups, factor, moments=True) for key in ("exp_avg", "exp_avg_sq")}
-            moments = {i: {**m, **{key: wide[key][names[i]] for key in wide}} for i, m in moments.items()}
+                                      init_cfg.groups, factor, moment=power)
+                    for power, key in ((1, "exp_avg"), (2, "exp_avg_sq"))}
+            moments = {i: {**m, **{key: wide[key][names[i]] for key in wide if names[i] in wide[key]}}
+                       for i, m in moments.items()}
     model.load_state_dict(weights)
     return moments
 

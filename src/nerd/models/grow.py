@@ -38,49 +38,54 @@ def widen_hidden(
     *,
     noise: float = 0.0,
     generator: torch.Generator | None = None,
-    moments: bool = False,
+    moment: int = 0,
 ) -> dict[str, Tensor]:
     """The state dict of a NERD whose transformation-block hidden width is `factor` times that of `state`.
 
     Args:
-        state: a `DEQDenoiser` state dict (weight-normalised or not) with a transformation block.
+        state: a `DEQDenoiser` state dict (weight-normalised or not) with a transformation block, or (`moment` > 0)
+            per-parameter optimiser moments by parameter name.
         groups: the model's GroupNorm groups (unchanged by widening).
         factor: integer widening factor (>= 1).
         noise: relative std of the noise added to the copies' conv1 weights (0: the function is unchanged exactly).
         generator: the noise's only source of randomness.
-        moments: `state` holds optimiser moments by parameter name (AdamW's exp_avg / exp_avg_sq): copy them to the
-            copies without rescaling or noise.
+        moment: 0 for weights; 1 or 2 for AdamW's exp_avg / exp_avg_sq, which are rescaled like the gradient's
+            first / second power in the wide model: a copy's gradient is 1/factor of its original's in the hidden
+            layer and in conv2's direction v, sqrt(factor) times in conv2's magnitude g (tested), so the carried
+            moments give the wide model the steps the narrow one would have taken.
 
     Returns:
         a new dict; entries outside the hidden layer are the same tensors.
     """
     if factor < 1:
         raise ValueError(f"widening factor must be >= 1, got {factor}")
-    if not any(k.startswith(_PREFIX + "conv1.") for k in state):
+    if _PREFIX + "conv1.bias" not in state:
         raise ValueError("this model has no transformation block to widen")
     out = dict(state)
     hidden = state[_PREFIX + "conv1.bias"].shape[0]
     idx = hidden_index(hidden, groups, factor)
     n = hidden // groups
     copies = (torch.arange(len(idx)) % (n * factor)) >= n  # the first n of each wide group are the originals
+    row_scale = (1 / factor) ** moment  # weights (moment 0) are copied as they are
     for name in _HIDDEN_ROWS:
         key = _PREFIX + name
         if key in state:
-            out[key] = state[key][idx].clone()
-            if not moments and noise > 0 and name in _CONV1_DIRECTION:
+            out[key] = state[key][idx] * row_scale
+            if moment == 0 and noise > 0 and name in _CONV1_DIRECTION:
                 w = out[key]
-                rms = w.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (w.ndim - 1)))
+                shape = (-1, *([1] * (w.ndim - 1)))
+                rms = w.flatten(1).pow(2).mean(1).sqrt().view(shape)
                 eps = torch.randn(w.shape, generator=generator, dtype=w.dtype)
-                out[key] = torch.where(copies.view(-1, *([1] * (w.ndim - 1))), w + noise * rms * eps, w)
+                out[key] = torch.where(copies.view(shape), w + noise * rms * eps, w)
     v_key = _PREFIX + "conv2.parametrizations.weight.original1"
     g_key = _PREFIX + "conv2.parametrizations.weight.original0"
     w_key = _PREFIX + "conv2.weight"
     if v_key in state:
         # w = g v / ||v|| per output channel: copying v's columns multiplies ||v|| by sqrt(factor), so g / sqrt(factor)
         # gives each copy exactly 1/factor of the old weight.
-        out[v_key] = state[v_key][:, idx].clone()
-        if not moments:
-            out[g_key] = state[g_key] / math.sqrt(factor)
+        out[v_key] = state[v_key][:, idx] * row_scale
+        if g_key in state:
+            out[g_key] = state[g_key] * (factor ** (0.5 * moment) if moment else 1 / math.sqrt(factor))
     elif w_key in state:
-        out[w_key] = state[w_key][:, idx] / (1 if moments else factor)
+        out[w_key] = state[w_key][:, idx] / (factor if moment == 0 else 1)  # its gradient keeps its scale
     return out
