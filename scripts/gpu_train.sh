@@ -47,7 +47,7 @@ run_one() {  # run_one NAME: train configs/gpu/nerd-NAME-gpu.toml, retrying in f
   rc=$?
   # No training row logged: it failed at its first steps (a stage that starts from an init has a last.pt from its
   # step-0 validation already, so that file cannot tell).
-  if [ $rc -ne 0 ] && [ "$(wc -l <"gpu_runs/$name/log.csv" 2>/dev/null || echo 0)" -le 1 ]; then
+  if [ $rc -ne 0 ] && { [ ! -s "gpu_runs/$name/log.csv" ] || [ "$(wc -l <"gpu_runs/$name/log.csv")" -le 1 ]; }; then
     echo "$name failed (rc $rc) before its first logged step; retrying with amp off" >>"gpu_runs/$name.log"
     sed 's/^\[train\]$/[train]\namp = "off"/' "$cfg" >"gpu_runs/$name-fp32.toml"
     rm -rf "gpu_runs/$name"
