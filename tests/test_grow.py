@@ -116,3 +116,16 @@ def _name(ckpt, i: int) -> str:
 
     names = [n for g in _param_groups(DEQDenoiser(config_from_dict(ckpt["config"]).model)) for n in g]
     return names[i]
+
+
+def test_a_widened_stage_resumes_without_widening_or_validating_its_init_again(image_folder, tmp_path):
+    first = train(tiny_config(image_folder, steps=2), out=tmp_path / "first", progress=False)
+    cfg = tiny_config(image_folder, steps=3)
+    cfg = replace(cfg, model=replace(cfg.model, expansion=cfg.model.expansion * 2),
+                  train=replace(cfg.train, init=str(first / "last.pt"), val_every=1))
+    train(cfg, out=tmp_path / "wide", progress=False, stop_after=1)
+    train(cfg, out=tmp_path / "wide", progress=False, resume=True)
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "wide" / "val.csv"))]
+    assert steps == [0, 1, 2, 3]
+    wide = torch.load(tmp_path / "wide" / "last.pt", weights_only=False)
+    assert wide["model"]["layer.conv1.bias"].shape[0] == cfg.model.channels * cfg.model.expansion  # widened once
