@@ -295,8 +295,9 @@ def training_table(prefix: str) -> str:
         if s.get("init_val_psnr") is not None:  # the stage's own weights at step 0
             curve = f"init {s['init_val_psnr']:.2f}, {curve}"
         gain = last_doubling_gain(s["validation"], clock)
+        wide = f", hidden ×{m['expansion']}" if m.get("expansion", 4) != 4 else ""  # the paper's expansion is 4
         rows.append(
-            f"| {s['run']} | {m['channels']} / {m['heads']} / {m['window']} | {t['crop']}² × {t['batch']} | "
+            f"| {s['run']} | {m['channels']} / {m['heads']} / {m['window']}{wide} | {t['crop']}² × {t['batch']} | "
             f"{t.get('train_iters') or s['config']['solver']['max_iter']} / T{g['steps']} | {s['crops']:,} | "
             f"{compute_label(s)} | {s['best_val_psnr']:.2f} | {'–' if gain is None else f'{gain:+.2f}'} | {curve} |"
         )
