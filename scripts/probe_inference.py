@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,11 +26,8 @@ import torch
 
 from nerd.data.patches import PatchSampler, dihedral, load_folder, undo_dihedral, validation_pairs
 from nerd.evaluate import default_data_root
+from nerd.metrics import psnr
 from nerd.weights import load_weights
-
-
-def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
-    return 10 * math.log10(1 / (x_hat.clamp(0, 1).double() - x.double()).pow(2).mean().item())
 
 
 def ensemble(model, y: torch.Tensor, sigma: float, solver, passes: int) -> torch.Tensor:  # noqa: ANN001

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nerd.config import ModelConfig
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results"
 
@@ -295,7 +297,8 @@ def training_table(prefix: str) -> str:
         if s.get("init_val_psnr") is not None:  # the stage's own weights at step 0
             curve = f"init {s['init_val_psnr']:.2f}, {curve}"
         gain = last_doubling_gain(s["validation"], clock)
-        wide = f", hidden ×{m['expansion']}" if m.get("expansion", 4) != 4 else ""  # the paper's expansion is 4
+        default = ModelConfig.expansion  # the paper's width factor
+        wide = f", hidden ×{m['expansion']}" if m.get("expansion", default) != default else ""
         rows.append(
             f"| {s['run']} | {m['channels']} / {m['heads']} / {m['window']}{wide} | {t['crop']}² × {t['batch']} | "
             f"{t.get('train_iters') or s['config']['solver']['max_iter']} / T{g['steps']} | {s['crops']:,} | "

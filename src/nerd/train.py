@@ -196,14 +196,15 @@ def _load_init(model: DEQDenoiser, init: str, seed: int = 0) -> dict | None:
 
         g = torch.Generator().manual_seed(seed)
         weights = widen_hidden(weights, init_cfg.groups, factor, noise=1e-2, generator=g)
-        if moments is not None:  # AdamW numbers its parameters; the widened model has the same names in order
-            names = [n for group in _param_groups(DEQDenoiser(init_cfg)) for n in group]
-            by_name = {names[i]: m for i, m in moments.items()}
-            wide = {key: widen_hidden({n: m[key] for n, m in by_name.items() if torch.is_tensor(m.get(key))},
-                                      init_cfg.groups, factor, moment=power)
-                    for power, key in ((1, "exp_avg"), (2, "exp_avg_sq"))}
-            moments = {i: {**m, **{key: wide[key][names[i]] for key in wide if names[i] in wide[key]}}
-                       for i, m in moments.items()}
+        if moments is not None:  # AdamW numbers its parameters; widening keeps their names and order
+            names = [n for group in _param_groups(model) for n in group]
+            moments = {i: dict(m) for i, m in moments.items()}
+            for power, key in ((1, "exp_avg"), (2, "exp_avg_sq")):
+                held = {names[i]: m[key] for i, m in moments.items() if key in m}
+                wide = widen_hidden(held, init_cfg.groups, factor, moment=power)
+                for i, m in moments.items():
+                    if key in m:
+                        m[key] = wide[names[i]]
     model.load_state_dict(weights)
     return moments
 
