@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nerd.models.attention import NeighbourhoodMSA, _tiled, neighbourhood_attention, reference_attention
+from nerd.models.attention import (
+    NeighbourhoodMSA,
+    _tile_plan,
+    _tiled,
+    neighbourhood_attention,
+    reference_attention,
+)
 
 
 def qkv(h, w, heads=2, d=4, b=2, seed=0):
@@ -67,3 +73,28 @@ def test_attention_map_is_a_distribution_over_the_window():
     assert maps.shape == (1, 2, 11, 13)
     torch.testing.assert_close(maps.sum((-2, -1)), torch.ones(1, 2))
     assert maps[..., :3, :].sum() == 0 and maps[..., 8:, :].sum() == 0
+
+
+def test_tiled_gradients_equal_the_reference():
+    """Training differentiates through the shared tile masks: q, k and v gradients match the plain formula."""
+    q_, k, v = (t.requires_grad_() for t in qkv(21, 19, seed=5))
+    weight = torch.randn(q_.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for fn in (lambda: _tiled(q_, k, v, 3, 4), lambda: reference_attention(q_, k, v, 7)):
+        grads.append(torch.autograd.grad((fn() * weight).sum(), (q_, k, v)))
+    for got, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def test_tile_masks_are_built_once_per_size_and_shared_by_border_class():
+    """A solve calls the attention many times on one size: the masks come from the cache, and an image of any size
+    needs only one mask per border class (3 x 3 here), not one per tile."""
+    _tile_plan.cache_clear()
+    q_, k, v = qkv(70, 53, b=1)
+    _tiled(q_, k, v, 4, 8)
+    _tiled(q_, k, v, 4, 8)
+    info = _tile_plan.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    plan = _tile_plan(70, 53, 4, 8, q_.device, q_.dtype)
+    assert len(plan) == 9  # first / interior / last tile row x the same for columns
+    assert sum((i1 - i0) * (j1 - j0) for i0, i1, j0, j1, _ in plan) == 9 * 7  # every tile exactly once

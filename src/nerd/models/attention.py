@@ -7,10 +7,12 @@ r = q // 2. When q >= 2 max(H, W) - 1 every window covers the whole image and at
 `neighbourhood_attention` computes this exactly with PyTorch's fused `scaled_dot_product_attention`:
 
 * small images: one masked attention over all H*W tokens (or unmasked, when the window covers everything);
-* large images: the queries are cut into b x b tiles; each tile attends to its (b + 2r)^2 halo with a boolean
-  mask that is exactly the q x q window of each query. Tiles are processed a few rows at a time, so memory is
-  bounded by the tile size and the chunk budget, never by (H W)^2. There are no seams: the result is the same
-  as the reference for every pixel.
+* large images: the queries are cut into b x b tiles; each tile attends to its (b + 2r)^2 halo with a mask
+  that is exactly the q x q window of each query. Tiles with the same border situation (interior, first or last
+  rows/columns) share one mask, so an image needs a handful of (b^2, (b + 2r)^2) masks, built once per image size
+  and cached; each rectangle of such tiles is one SDPA call that broadcasts its mask. Tiles are processed a few
+  rows at a time, so memory is bounded by the tile size and the chunk budget, never by (H W)^2. There are no
+  seams: the result is the same as the reference for every pixel.
 
 `reference_attention` is the plain O((HW)^2) formula, for tests.
 """
@@ -100,6 +102,68 @@ def neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block:
     return _tiled(q, k, v, r, t)
 
 
+def _axis_classes(n_tiles: int, t: int, r: int, size: int) -> list[tuple[int, int, Tensor, Tensor]]:
+    """Runs of consecutive tiles along one axis whose windows meet the border in the same way.
+
+    Returns (first tile, end tile, key_valid (s,), query_pad (t,)) per run: which halo positions are inside the
+    image, and which query positions are padding. Interior tiles form one run; only the tiles within r of a
+    border (and the padded last tile) differ, so an axis has a handful of runs at any image size."""
+    runs: list[tuple[int, int, Tensor, Tensor]] = []
+    prev = None
+    for i in range(n_tiles):
+        y0 = i * t
+        pattern = (
+            tuple(0 <= y0 - r + j < size for j in range(t + 2 * r)),
+            tuple(y0 + j >= size for j in range(t)),
+        )
+        if pattern == prev:
+            runs[-1] = (runs[-1][0], i + 1, runs[-1][2], runs[-1][3])
+        else:
+            runs.append((i, i + 1, torch.tensor(pattern[0]), torch.tensor(pattern[1])))
+        prev = pattern
+    return runs
+
+
+@functools.lru_cache(maxsize=4)
+def _tile_plan(
+    h: int, w: int, r: int, t: int, device: torch.device, dtype: torch.dtype
+) -> list[tuple[int, int, int, int, Tensor]]:
+    """Rectangles of tiles that share one additive mask: (tile rows [i0, i1), tile columns [j0, j1), mask (L, K)).
+
+    Every tile of a rectangle has the same mask, so SDPA broadcasts one (L, K) mask over them and no mask is
+    built during a solve (building them on every call took more time than the attention itself). Cached per
+    image size: a solve evaluates f many times on one size. Built outside inference mode (see `_window_bias`)."""
+    s = t + 2 * r
+    iy = torch.arange(t)
+    ky = torch.arange(s)
+    # Query i of a tile sits at i + r of its halo; key position k is in its window iff i <= k <= i + 2r.
+    band = (ky[None, :] >= iy[:, None]) & (ky[None, :] <= iy[:, None] + 2 * r)  # (t, s)
+    rows = _axis_classes(math.ceil(h / t), t, r, h)
+    cols = _axis_classes(math.ceil(w / t), t, r, w)
+    plan = []
+    with torch.inference_mode(False):
+        for i0, i1, vy, qy in rows:
+            for j0, j1, vx, qx in cols:
+                inside = vy[:, None] & vx[None, :]  # (s, s) keys inside the image
+                # A padded query (outside the image; cropped later) may see only padded keys: let it see its
+                # whole window, so that no softmax row is empty.
+                pad = qy[:, None] | qx[None, :]  # (t, t)
+                allowed = band[:, None, :, None] & band[None, :, None, :]  # (t, t, s, s)
+                allowed = allowed & (inside[None, None] | pad[:, :, None, None])
+                mask = _additive(allowed.reshape(t * t, s * s), dtype).to(device)
+                plan.append((i0, i1, j0, j1, mask))
+    return plan
+
+
+@torch.compiler.disable
+def _cached_plan(
+    h: int, w: int, r: int, t: int, device: torch.device, dtype: torch.dtype
+) -> list[tuple[int, int, int, int, Tensor]]:
+    """`_tile_plan` seen from torch.compile: a cache lookup it does not trace (it would trace, and so rebuild,
+    the masks on every call); the masks enter the compiled graph as inputs."""
+    return _tile_plan(h, w, r, t, device, dtype)
+
+
 def _tiled(q: Tensor, k: Tensor, v: Tensor, r: int, t: int) -> Tensor:
     b, n, h, w, d = q.shape
     nh, nw = math.ceil(h / t), math.ceil(w / t)
@@ -109,41 +173,32 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, r: int, t: int) -> Tensor:
     q = F.pad(q, (0, 0, 0, wp - w, 0, hp - h))
     k = F.pad(k, (0, 0, r, r + wp - w, r, r + hp - h))
     v = F.pad(v, (0, 0, r, r + wp - w, r, r + hp - h))
-    valid = torch.zeros(hp + 2 * r, wp + 2 * r, dtype=torch.bool, device=q.device)
-    valid[r : r + h, r : r + w] = True
-    # Query (i, j) of a tile sits at (i + r, j + r) of its halo; key (ky, kx) is in its window iff
-    # i <= ky <= i + 2r and j <= kx <= j + 2r.
-    iy = torch.arange(t, device=q.device)
-    ky = torch.arange(s, device=q.device)
-    band = (ky[None, :] >= iy[:, None]) & (ky[None, :] <= iy[:, None] + 2 * r)  # (t, s)
-    rel = (band[:, None, :, None] & band[None, :, None, :]).reshape(t * t, s * s)  # (L, K)
-    # A padded query (outside the image) may see only padded keys: let it see its whole window (it is cropped).
-    q_pad = torch.ones(hp, wp, dtype=torch.bool, device=q.device)
-    q_pad[:h, :w] = False
 
     out = q.new_empty(b, n, hp, wp, d)
-    rows = max(1, _CHUNK_ELEMENTS // max(1, b * nw * n * t * t * s * s))
-    for i0 in range(0, nh, rows):
-        i1 = min(nh, i0 + rows)
-        c = i1 - i0
-        y0, y1 = i0 * t, i1 * t
-        # (B, heads, c*t, wp, d) -> (B * c * nw, heads, t*t, d)
-        qt = q[:, :, y0:y1].reshape(b, n, c, t, nw, t, d).permute(0, 2, 4, 1, 3, 5, 6).reshape(b * c * nw, n, t * t, d)
-
-        vt = valid[y0 : y1 + 2 * r].unfold(0, s, t).unfold(1, s, t).reshape(c * nw, 1, s * s)
-        qp = q_pad[y0:y1].reshape(c, t, nw, t).permute(0, 2, 1, 3).reshape(c * nw, t * t, 1)
-        mask = _additive(rel[None] & (vt | qp), q.dtype)  # (c*nw, L, K)
-        mask = mask[None].expand(b, -1, -1, -1).reshape(b * c * nw, 1, t * t, s * s)  # a copy only when b > 1
-        ot = F.scaled_dot_product_attention(qt, _halo(k, y0, y1, r, t), _halo(v, y0, y1, r, t), attn_mask=mask)
-        out[:, :, y0:y1] = ot.reshape(b, c, nw, n, t, t, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(b, n, c * t, wp, d)
+    for i0, i1, j0, j1, mask in _cached_plan(h, w, r, t, q.device, q.dtype):
+        m = j1 - j0  # tiles per row of this rectangle
+        x0, x1 = j0 * t, j1 * t
+        step = max(1, _CHUNK_ELEMENTS // max(1, b * m * n * t * t * s * s))
+        for a0 in range(i0, i1, step):
+            a1 = min(i1, a0 + step)
+            c = a1 - a0
+            y0, y1 = a0 * t, a1 * t
+            # (B, heads, c*t, m*t, d) -> (B * c * m, heads, t*t, d)
+            qt = q[:, :, y0:y1, x0:x1].reshape(b, n, c, t, m, t, d).permute(0, 2, 4, 1, 3, 5, 6)
+            qt = qt.reshape(b * c * m, n, t * t, d)
+            kt, vt = (_halo(x, y0, y1, x0, x1, r, t) for x in (k, v))
+            ot = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+            ot = ot.reshape(b, c, m, n, t, t, d).permute(0, 3, 1, 4, 2, 5, 6)
+            out[:, :, y0:y1, x0:x1] = ot.reshape(b, n, c * t, m * t, d)
     return out[:, :, :h, :w]
 
 
-def _halo(x: Tensor, y0: int, y1: int, r: int, t: int) -> Tensor:
-    """Key/value halos of the tile rows [y0, y1): (B, heads, Hp+2r, Wp+2r, d) -> (B * rows * nw, heads, s*s, d)."""
+def _halo(x: Tensor, y0: int, y1: int, x0: int, x1: int, r: int, t: int) -> Tensor:
+    """Key/value halos of the tiles in rows [y0, y1) and columns [x0, x1) (pixels of the padded query grid):
+    (B, heads, Hp+2r, Wp+2r, d) -> (B * rows * cols, heads, s*s, d)."""
     b, n, _, _, d = x.shape
     s = t + 2 * r
-    x = x[:, :, y0 : y1 + 2 * r].unfold(2, s, t).unfold(3, s, t)  # (B, n, rows, nw, d, s, s)
+    x = x[:, :, y0 : y1 + 2 * r, x0 : x1 + 2 * r].unfold(2, s, t).unfold(3, s, t)  # (B, n, rows, cols, d, s, s)
     return x.permute(0, 2, 3, 1, 5, 6, 4).reshape(-1, n, s * s, d)
 
 
