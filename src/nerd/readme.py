@@ -383,6 +383,23 @@ def speed_tables() -> str:
     return "\n\n".join(_optional("nerd.bench_report", "markdown_tables", f, "results/bench") for f in full)
 
 
+def attention_ab_table() -> str:
+    """results/bench/attention-ab.json (`scripts/ab_attention.py`): the attention before / after a change."""
+    path = RESULTS / "bench" / "attention-ab.json"
+    if not path.is_file():
+        return "_not measured yet: `python scripts/ab_attention.py --rev REV`_"
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    lines = [f"`{meta['command']}` ({meta['device_name']}, torch {meta['torch']}, {meta['threads']} thread(s), "
+             f"medians of {meta['repeats']} interleaved runs, 1-minute load {meta['loadavg_start']:.1f} at the start):",
+             "", f"| case | before ({meta['rev']}), s | now, s | speed-up | max abs. difference |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in data["rows"]:
+        lines.append(f"| {r['case']} | {r['before_s']:.3f} | {r['now_s']:.3f} | {r['speedup']:.2f}× "
+                     f"| {r['max_abs_diff']:.1e} |")
+    return "\n".join(lines)
+
+
 BLOCKS = {
     "results": results_table,
     "training-compare": lambda: training_table("cpu-"),
@@ -390,6 +407,7 @@ BLOCKS = {
     "model-card": model_card,
     "validate-shipped": validate_table,
     "speed": speed_tables,
+    "attention-ab": attention_ab_table,
     "experiments": lambda: _optional("nerd.experiments", "markdown_summary", RESULTS / "experiments"),
 }
 
