@@ -17,12 +17,25 @@
 # wider model m, RUNS=s25w grows the small model wider on the way in (nerd.models.grow); see their headers).
 # Test on the CPU first: DEVICE=cpu STEPS=2 OUT=/tmp/gpu_out bash scripts/gpu_train.sh
 # Unpack what came back into runs/: tar xzf nerd-s25-gpu.tgz -C runs
+#
+# Training and scoring in one call (a second call may find the machine gone, and every start costs device time):
+# MINUTES shortens each recipe's `train.minutes` (its cosine schedule follows it), and EVAL_ABOVE=dB scores every
+# run whose best validation PSNR beats that figure (set it to the shipped file's, so that only a candidate for
+# shipping is scored) with `nerd eval` on EVAL_SETS at its sigma, until EVAL_DEADLINE; copy the sets first:
+#   cp -r ../shared/data/Set12 ../shared/data/BSD68 device_data/
+# e.g. RUNS=s25w MINUTES=6.5 DEADLINE=450 EVAL_ABOVE=27.4942 EVAL_DEADLINE=585 (timeout_s 600). The reports come back
+# in $OUT/eval-NAME (a set cut off at the deadline leaves its .partial file, which `nerd eval` continues).
 set -u
 OUT=${OUT:-gpu_out}
 DEVICE=${DEVICE:-cuda}
 DEADLINE=${DEADLINE:-480}   # seconds after the start at which every run still going gets SIGTERM
 STEPS=${STEPS:-}            # an optimiser-step cap (for a CPU test of this script)
 RUNS=${RUNS:-"s25 m25"}
+MINUTES=${MINUTES:-}        # override of train.minutes
+EVAL_ABOVE=${EVAL_ABOVE:-}  # score runs whose best validation PSNR exceeds this (dB); empty: score nothing
+EVAL_SETS=${EVAL_SETS:-"Set12 BSD68"}
+EVAL_DEADLINE=${EVAL_DEADLINE:-585}
+EVAL_LIMIT=${EVAL_LIMIT:-}  # only the first N images of each set (for a CPU test)
 mkdir -p "$OUT" gpu_runs
 . scripts/device_env.sh
 start=$(date +%s)
@@ -31,6 +44,7 @@ device_header >"$log"
 # Everything the chosen runs need must have travelled: Train400 and each config's warm start (`init = "..."`).
 missing=""
 test -d device_data/Train400 || missing="device_data/Train400"
+if [ -n "$EVAL_ABOVE" ]; then for e in $EVAL_SETS; do test -d "device_data/$e" || missing="$missing device_data/$e"; done; fi
 for r in $RUNS; do
   cfg=configs/gpu/nerd-$r-gpu.toml
   test -f "$cfg" || { missing="$missing $cfg"; continue; }
@@ -41,6 +55,10 @@ test -z "$missing" || { echo "missing:$missing (see the header of $0)" | tee -a 
 
 run_one() {  # run_one NAME: train configs/gpu/nerd-NAME-gpu.toml, retrying in float32 if bf16 fails at once
   local name=nerd-$1-gpu cfg=configs/gpu/nerd-$1-gpu.toml rc
+  if [ -n "$MINUTES" ]; then
+    sed "s/^minutes = .*/minutes = $MINUTES/" "$cfg" >"gpu_runs/$name-minutes.toml"
+    cfg=gpu_runs/$name-minutes.toml
+  fi
   local left=$((DEADLINE - ($(date +%s) - start)))
   timeout -s TERM "$left" python3 -c "$PY" train --config "$cfg" --out "gpu_runs/$name" --data device_data/Train400 \
     --device "$DEVICE" --no-progress ${STEPS:+--steps "$STEPS"} >"gpu_runs/$name.log" 2>&1
@@ -61,7 +79,9 @@ run_one() {  # run_one NAME: train configs/gpu/nerd-NAME-gpu.toml, retrying in f
 
 # A run folder left by an earlier call on the same warm machine would refuse a new run (and block the fp32 retry);
 # each call already returned its runs as archives, so start clean.
-for r in $RUNS; do rm -rf "gpu_runs/nerd-$r-gpu" "gpu_runs/nerd-$r-gpu.log" "gpu_runs/nerd-$r-gpu-fp32.toml"; done
+for r in $RUNS; do
+  rm -rf "gpu_runs/nerd-$r-gpu" "gpu_runs/nerd-$r-gpu.log" "gpu_runs/nerd-$r-gpu-fp32.toml" "gpu_runs/nerd-$r-gpu-minutes.toml"
+done
 for r in $RUNS; do run_one "$r" & done
 ticks=0
 while [ -n "$(jobs -r)" ]; do  # poll often (the archives must be written before the call's limit); a GPU snapshot a minute
@@ -74,6 +94,26 @@ for r in $RUNS; do
   name=nerd-$r-gpu
   tail -n 3 "gpu_runs/$name/val.csv" >>"$log" 2>/dev/null
   tar czf "$OUT/$name.tgz" -C gpu_runs "$name" "$name.log"
+done
+# Score the candidates: best validation PSNR (val.csv's 5th column, step 0 included: best.safetensors exists only
+# when the stage beat its start) above EVAL_ABOVE.
+for r in ${EVAL_ABOVE:+$RUNS}; do
+  name=nerd-$r-gpu
+  best=$(tail -n +2 "gpu_runs/$name/val.csv" 2>/dev/null | cut -d, -f5 | sort -g | tail -n 1)
+  sigma=$(tail -n +2 "gpu_runs/$name/val.csv" 2>/dev/null | head -n 1 | cut -d, -f4)
+  left=$((EVAL_DEADLINE - ($(date +%s) - start)))
+  if [ ! -f "gpu_runs/$name/best.safetensors" ] || ! awk -v b="${best:-0}" -v a="$EVAL_ABOVE" 'BEGIN{exit !(b > a)}'; then
+    echo "$name: best validation ${best:-none} dB, not above $EVAL_ABOVE: not scored" >>"$log"
+  elif [ "$left" -le 10 ]; then
+    echo "$name: best validation $best dB, no time left to score it" >>"$log"
+  else
+    echo "$name: best validation $best dB > $EVAL_ABOVE: nerd eval on $EVAL_SETS at sigma $sigma" >>"$log"
+    # shellcheck disable=SC2086  # EVAL_SETS is a list
+    timeout -s TERM "$left" python3 -c "$PY" eval --method nerd --weights "gpu_runs/$name/best.safetensors" \
+      --sets $EVAL_SETS --sigma "$sigma" --data device_data --device "$DEVICE" --out "$OUT/eval-$name" \
+      --no-progress ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} >>"$log" 2>&1
+    echo "$name: eval rc $? after $(($(date +%s) - start)) s" >>"$log"
+  fi
 done
 echo "done after $(($(date +%s) - start)) s" >>"$log"
 cat "$log"
