@@ -88,7 +88,8 @@ def test_tiled_gradients_equal_the_reference():
 
 def test_tile_masks_are_built_once_per_size_and_shared_by_border_class():
     """A solve calls the attention many times on one size: the masks come from the cache, and an image of any size
-    needs only one mask per border class (3 x 3 here), not one per tile."""
+    needs only one mask per border class, not one per tile: 3 x 3 classes here; 4 per axis where the last partial
+    tile is thinner than r (its neighbour's window crosses the border too)."""
     _tile_plan.cache_clear()
     q_, k, v = qkv(70, 53, b=1)
     _tiled(q_, k, v, 4, 8)
@@ -98,3 +99,4 @@ def test_tile_masks_are_built_once_per_size_and_shared_by_border_class():
     plan = _tile_plan(70, 53, 4, 8, q_.device, q_.dtype)
     assert len(plan) == 9  # first / interior / last tile row x the same for columns
     assert sum((i1 - i0) * (j1 - j0) for i0, i1, j0, j1, _ in plan) == 9 * 7  # every tile exactly once
+    assert len(_tile_plan(67, 53, 4, 8, q_.device, q_.dtype)) == 12  # 67 = 8 * 8 + 3: the last tile is 3 < r thin

@@ -107,7 +107,8 @@ def _axis_classes(n_tiles: int, t: int, r: int, size: int) -> list[tuple[int, in
 
     Returns (first tile, end tile, key_valid (s,), query_pad (t,)) per run: which halo positions are inside the
     image, and which query positions are padding. Interior tiles form one run; only the tiles within r of a
-    border (and the padded last tile) differ, so an axis has a handful of runs at any image size."""
+    border differ (when r <= t: the first tile, and the last one or two, as the last partial tile may be thinner
+    than r), so an axis has a handful of runs at any image size."""
     runs: list[tuple[int, int, Tensor, Tensor]] = []
     prev = None
     for i in range(n_tiles):
@@ -124,7 +125,7 @@ def _axis_classes(n_tiles: int, t: int, r: int, size: int) -> list[tuple[int, in
     return runs
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=3)  # a training run uses two sizes (crops, validation); BSD68 two (orientations)
 def _tile_plan(
     h: int, w: int, r: int, t: int, device: torch.device, dtype: torch.dtype
 ) -> list[tuple[int, int, int, int, Tensor]]:
