@@ -408,6 +408,9 @@ BLOCKS = {
     "validate-shipped": validate_table,
     "speed": speed_tables,
     "attention-ab": attention_ab_table,
+    "speed-after-masks": lambda: _optional("nerd.bench_report", "markdown_tables",
+                                           RESULTS / "bench" / "after-tile-masks" / "bench-cpu.json",
+                                           "results/bench/after-tile-masks"),
     "experiments": lambda: _optional("nerd.experiments", "markdown_summary", RESULTS / "experiments"),
 }
 
