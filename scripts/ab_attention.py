@@ -38,12 +38,12 @@ def load_revision(rev: str):  # noqa: ANN201 -- a module
     """The attention module as it was at `rev`."""
     text = subprocess.run(["git", "show", f"{rev}:{PATH}"], cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout
-    folder = Path(tempfile.mkdtemp())
-    file = folder / "attention_at_rev.py"
-    file.write_text(text)
-    spec = importlib.util.spec_from_file_location("attention_at_rev", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as folder:  # the module lives on in memory once executed
+        file = Path(folder) / "attention_at_rev.py"
+        file.write_text(text)
+        spec = importlib.util.spec_from_file_location("attention_at_rev", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 
