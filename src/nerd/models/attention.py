@@ -139,6 +139,7 @@ def _tile_plan(
     ky = torch.arange(s)
     # Query i of a tile sits at i + r of its halo; key position k is in its window iff i <= k <= i + 2r.
     band = (ky[None, :] >= iy[:, None]) & (ky[None, :] <= iy[:, None] + 2 * r)  # (t, s)
+    window = band[:, None, :, None] & band[None, :, None, :]  # (t, t, s, s): the same for every tile
     rows = _axis_classes(math.ceil(h / t), t, r, h)
     cols = _axis_classes(math.ceil(w / t), t, r, w)
     plan = []
@@ -149,8 +150,7 @@ def _tile_plan(
                 # A padded query (outside the image; cropped later) may see only padded keys: let it see its
                 # whole window, so that no softmax row is empty.
                 pad = qy[:, None] | qx[None, :]  # (t, t)
-                allowed = band[:, None, :, None] & band[None, :, None, :]  # (t, t, s, s)
-                allowed = allowed & (inside[None, None] | pad[:, :, None, None])
+                allowed = window & (inside[None, None] | pad[:, :, None, None])
                 mask = _additive(allowed.reshape(t * t, s * s), dtype).to(device)
                 plan.append((i0, i1, j0, j1, mask))
     return plan
