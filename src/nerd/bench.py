@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils import parametrize
 
+from nerd import allocator
 from nerd.bench_report import (  # noqa: F401 (markdown_tables re-exported)
     SECTIONS,
     _clean,
@@ -656,6 +657,7 @@ def run_bench(
     res: dict[str, Any] = {"meta": {
         "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(), "quick": s.quick,
+        "malloc": allocator.status,
         "repeats": s.repeats, "warmup": s.warmup, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": dataclasses.asdict(s), "sigma": sigma255, "tol": tol,
         "model_name": subject.name if subject else "none",

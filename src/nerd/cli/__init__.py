@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from nerd import allocator
+
 COMMANDS = ["info", "denoise", "eval", "train", "validate", "export", "bench", "experiment"]
 
 
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(f"nerd.cli.{args.command}")
+    allocator.tune()
     try:
         return int(module.run(args) or 0)
     except UserError as err:

@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from nerd import allocator
     from nerd.cli import UserError
     from nerd.evaluate import EvalError, Noisy, default_data_root, evaluate, resolve_sets, summary_markdown
     from nerd.io import ImageError
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 report = evaluate(method, images, sigma255, set_name=set_name, progress=not args.no_progress,
                                   solver=solver, method_name=args.method, limit=args.limit,
-                                  meta={**meta, "data": str(data_root)}, partial=partial)
+                                  meta={**meta, "data": str(data_root), "malloc": allocator.status}, partial=partial)
             except (EvalError, ImageError) as err:
                 raise UserError(str(err)) from None
             if report.meta.get("resumed_rows"):
