@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,7 @@ def test_cli_eval_noisy_and_nerd(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(argv) == 0
     data = json.loads((out / "eval-nerd-tiny-it3-Tiny-s25.json").read_text())
     assert len(data["rows"]) == 2 and data["meta"]["solver"]["max_iter"] == 3
+    assert data["meta"]["malloc"] == ("tuned" if sys.platform.startswith("linux") else "unavailable")  # the CLI's
     for row in data["rows"]:
         assert 1 <= row["nfe"] <= 3 and isinstance(row["converged"], bool) and row["residual"] >= 0
         assert math.isfinite(row["psnr"]) and 0 <= row["ssim"] <= 1

@@ -210,10 +210,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# Entries of a report's meta that do not decide its rows: the device, threads and torch change timings only, and the
-# data root is only where a machine keeps the set (a lent GPU reads a copy); a set begun on one machine can be
-# finished on another with the same method, weights and settings.
-_NOT_IN_KEY = ("device", "threads", "torch", "data")
+# Entries of a report's meta that do not decide its rows: the device, threads, torch and malloc setting change timings
+# only, and the data root is only where a machine keeps the set (a lent GPU reads a copy); a set begun on one machine
+# can be finished on another with the same method, weights and settings.
+_NOT_IN_KEY = ("device", "threads", "torch", "data", "malloc")
 
 
 def _partial_key(entries: dict[str, Any]) -> str:

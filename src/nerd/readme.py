@@ -400,6 +400,24 @@ def attention_ab_table() -> str:
     return "\n".join(lines)
 
 
+def malloc_ab_table() -> str:
+    """results/bench/malloc-ab.json (`scripts/ab_malloc.py`): whole `nerd eval` processes per malloc setting."""
+    path = RESULTS / "bench" / "malloc-ab.json"
+    if not path.is_file():
+        return "_not measured yet: `python scripts/ab_malloc.py`_"
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    lines = [f"`{meta['command']}` ({meta['device_name']}, torch {meta['torch']}, {meta['threads']} thread(s) on "
+             f"{meta['cores']} cores, medians of {meta['repeats']} interleaved processes, 1-minute load "
+             f"{meta['loadavg_start']:.1f} at the start; nerd-s25, 17 Broyden iterations, protocol noise):", "",
+             "| image | malloc | solver s | speed-up | process wall s | kernel CPU s | peak RSS MiB | PSNR (dB) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in data["rows"]:
+        lines.append(f"| {r['set']} {r['image']} | {r['variant']} | {r['solver_s']:.1f} | {r['speedup_solver']:.2f}× "
+                     f"| {r['wall_s']:.1f} | {r['sys_s']:.1f} | {r['maxrss_mib']:.0f} | {r['psnr']:.2f} |")
+    return "\n".join(lines)
+
+
 BLOCKS = {
     "results": results_table,
     "training-compare": lambda: training_table("cpu-"),
@@ -408,6 +426,7 @@ BLOCKS = {
     "validate-shipped": validate_table,
     "speed": speed_tables,
     "attention-ab": attention_ab_table,
+    "malloc-ab": malloc_ab_table,
     "speed-after-masks": lambda: _optional("nerd.bench_report", "markdown_tables",
                                            RESULTS / "bench" / "after-tile-masks" / "bench-cpu.json",
                                            "results/bench/after-tile-masks"),
