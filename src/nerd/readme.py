@@ -13,6 +13,7 @@ import csv
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -383,39 +384,44 @@ def speed_tables() -> str:
     return "\n\n".join(_optional("nerd.bench_report", "markdown_tables", f, "results/bench") for f in full)
 
 
-def attention_ab_table() -> str:
-    """results/bench/attention-ab.json (`scripts/ab_attention.py`): the attention before / after a change."""
-    path = RESULTS / "bench" / "attention-ab.json"
+def _ab_table(file: str, script: str, what: str, header: list[str], row: Callable[[dict], str], left: int = 1,
+              note: str = "") -> str:
+    """A side-by-side results file of `scripts/<script>`: its command and conditions (and `note`), then a table
+    row a case, its first `left` columns left-aligned."""
+    path = RESULTS / "bench" / file
     if not path.is_file():
-        return "_not measured yet: `python scripts/ab_attention.py --rev REV`_"
+        return f"_not measured yet: `python scripts/{script}`_"
     data = json.loads(path.read_text())
     meta = data["meta"]
-    lines = [f"`{meta['command']}` ({meta['device_name']}, torch {meta['torch']}, {meta['threads']} thread(s), "
-             f"medians of {meta['repeats']} interleaved runs, 1-minute load {meta['loadavg_start']:.1f} at the start):",
-             "", f"| case | before ({meta['rev']}), s | now, s | speed-up | max abs. difference |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    for r in data["rows"]:
-        lines.append(f"| {r['case']} | {r['before_s']:.3f} | {r['now_s']:.3f} | {r['speedup']:.2f}× "
-                     f"| {r['max_abs_diff']:.1e} |")
-    return "\n".join(lines)
+    threads = f"{meta['threads']} thread(s)" + (f" on {meta['cores']} cores" if "cores" in meta else "")
+    lines = [f"`{meta['command']}` ({meta['device_name']}, torch {meta['torch']}, {threads}, medians of "
+             f"{meta['repeats']} interleaved {what}, 1-minute load {meta['loadavg_start']:.1f} at the start{note}):",
+             "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * left + " ---: |" * (len(header) - left)]
+    return "\n".join(lines + [row(r) for r in data["rows"]])
+
+
+def attention_ab_table() -> str:
+    """results/bench/attention-ab.json (`scripts/ab_attention.py`): the attention before / after a change."""
+    rev = ""
+    path = RESULTS / "bench" / "attention-ab.json"
+    if path.is_file():
+        rev = json.loads(path.read_text())["meta"]["rev"]
+    return _ab_table("attention-ab.json", "ab_attention.py --rev REV", "runs",
+                     ["case", f"before ({rev}), s", "now, s", "speed-up", "max abs. difference"],
+                     lambda r: f"| {r['case']} | {r['before_s']:.3f} | {r['now_s']:.3f} | {r['speedup']:.2f}× "
+                               f"| {r['max_abs_diff']:.1e} |")
 
 
 def malloc_ab_table() -> str:
     """results/bench/malloc-ab.json (`scripts/ab_malloc.py`): whole `nerd eval` processes per malloc setting."""
-    path = RESULTS / "bench" / "malloc-ab.json"
-    if not path.is_file():
-        return "_not measured yet: `python scripts/ab_malloc.py`_"
-    data = json.loads(path.read_text())
-    meta = data["meta"]
-    lines = [f"`{meta['command']}` ({meta['device_name']}, torch {meta['torch']}, {meta['threads']} thread(s) on "
-             f"{meta['cores']} cores, medians of {meta['repeats']} interleaved processes, 1-minute load "
-             f"{meta['loadavg_start']:.1f} at the start; nerd-s25, 17 Broyden iterations, protocol noise):", "",
-             "| image | malloc | solver s | speed-up | process wall s | kernel CPU s | peak RSS MiB | PSNR (dB) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in data["rows"]:
-        lines.append(f"| {r['set']} {r['image']} | {r['variant']} | {r['solver_s']:.1f} | {r['speedup_solver']:.2f}× "
-                     f"| {r['wall_s']:.1f} | {r['sys_s']:.1f} | {r['maxrss_mib']:.0f} | {r['psnr']:.2f} |")
-    return "\n".join(lines)
+    return _ab_table("malloc-ab.json", "ab_malloc.py", "processes",
+                     ["image", "malloc", "solver s", "speed-up", "process wall s", "kernel CPU s", "peak RSS MiB",
+                      "PSNR (dB)"],
+                     lambda r: f"| {r['set']} {r['image']} | {r['variant']} | {r['solver_s']:.1f} "
+                               f"| {r['speedup_solver']:.2f}× | {r['wall_s']:.1f} | {r['sys_s']:.1f} "
+                               f"| {r['maxrss_mib']:.0f} | {r['psnr']:.2f} |",
+                     left=2, note="; nerd-s25, 17 Broyden iterations, protocol noise")
 
 
 BLOCKS = {
