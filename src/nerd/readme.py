@@ -433,9 +433,8 @@ BLOCKS = {
     "speed": speed_tables,
     "attention-ab": attention_ab_table,
     "malloc-ab": malloc_ab_table,
-    "speed-after-masks": lambda: _optional("nerd.bench_report", "markdown_tables",
-                                           RESULTS / "bench" / "after-tile-masks" / "bench-cpu.json",
-                                           "results/bench/after-tile-masks"),
+    "speed-now": lambda: _optional("nerd.bench_report", "markdown_tables",
+                                   RESULTS / "bench" / "after-malloc" / "bench-cpu.json", "results/bench/after-malloc"),
     "experiments": lambda: _optional("nerd.experiments", "markdown_summary", RESULTS / "experiments"),
 }
 
