@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 import pytest
@@ -21,7 +20,7 @@ class _Mallinfo2(ctypes.Structure):
 def _glibc():  # noqa: ANN202 -- a ctypes library
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc malloc is Linux-only")
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(None)  # the C library the interpreter runs on
     if not hasattr(libc, "mallinfo2"):
         pytest.skip("no mallinfo2 (glibc < 2.33 or another C library)")
     libc.mallinfo2.restype = _Mallinfo2

@@ -16,7 +16,6 @@ Library imports never call this: only the command line (`nerd.cli.main`) does, s
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 from collections.abc import Mapping
@@ -52,8 +51,7 @@ def _tune(environ: Mapping[str, str]) -> str:
     if not sys.platform.startswith("linux"):
         return "unavailable"
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on (no ldconfig lookup)
     except (OSError, AttributeError):  # musl and other C libraries without mallopt
         return "unavailable"
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
