@@ -6,8 +6,9 @@ installed) with tcmalloc preloaded: whole processes, interleaved round robin, on
 Each run is one `nerd eval --sets SET --limit 1` process (protocol noise, the shipped sigma-25 weights, 17 Broyden
 iterations); its wall time, user and kernel CPU time and peak resident size come from `os.wait4`, its solver seconds,
 PSNR and f-evaluations from the report it writes. The variants must give the same PSNR (the allocator changes no
-arithmetic); the script stops if they do not. Writes results/bench/malloc-ab.json, which `python -m nerd.readme`
-renders into the README.
+arithmetic) and their reports must record the malloc setting asked for; the script stops if not. Inherited malloc
+settings (NERD_MALLOC, LD_PRELOAD, glibc's variables) are cleared, so that each variant sets only its own. Writes
+results/bench/malloc-ab.json, which `python -m nerd.readme` renders into the README.
 """
 
 from __future__ import annotations
@@ -38,13 +39,18 @@ def find_tcmalloc() -> str | None:
     return ctypes.util.find_library("tcmalloc_minimal")
 
 
-def variants(tcmalloc: str | None) -> dict[str, dict[str, str]]:
-    """Name -> environment changes of each variant."""
-    out = {"glibc defaults (NERD_MALLOC=system)": {"NERD_MALLOC": "system"},
-           "nerd's tuning (the default)": {}}
+def variants(tcmalloc: str | None) -> dict[str, tuple[dict[str, str], str]]:
+    """Name -> (environment settings of the variant, the `malloc` its reports must record)."""
+    out = {"glibc defaults (NERD_MALLOC=system)": ({"NERD_MALLOC": "system"}, "system"),
+           "nerd's tuning (the default)": ({}, "tuned")}
     if tcmalloc:
-        out["tcmalloc preloaded (NERD_MALLOC=system)"] = {"NERD_MALLOC": "system", "LD_PRELOAD": tcmalloc}
+        out["tcmalloc preloaded"] = ({"LD_PRELOAD": tcmalloc}, "preloaded")
     return out
+
+
+# Inherited settings that would change what a variant measures: each variant sets its own.
+CLEARED = ("NERD_MALLOC", "LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
+           "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def run_once(set_name: str, env_changes: dict[str, str], extra: list[str]) -> dict[str, Any]:
@@ -52,12 +58,17 @@ def run_once(set_name: str, env_changes: dict[str, str], extra: list[str]) -> di
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "nerd", "eval", "--sets", set_name, "--limit", "1", "--out", out,
                "--no-progress", *extra]
-        env = {**os.environ, **env_changes}
+        env = {**{k: v for k, v in os.environ.items() if k not in CLEARED}, **env_changes}
         log = Path(out) / "log.txt"
         with log.open("w") as sink:
             start = time.perf_counter()
             proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN
+            except BaseException:  # Ctrl-C: do not leave a minutes-long child behind
+                proc.kill()
+                proc.wait()
+                raise
             wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
@@ -67,7 +78,8 @@ def run_once(set_name: str, env_changes: dict[str, str], extra: list[str]) -> di
     (row,) = report["rows"]
     return {"wall_s": wall, "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
             "maxrss_mib": usage.ru_maxrss / 1024, "solver_s": row["seconds"], "psnr": row["psnr"],
-            "nfe": row["nfe"], "image": row["name"], "malloc": report["meta"].get("malloc")}
+            "nfe": row["nfe"], "image": row["name"], "malloc": report["meta"].get("malloc"),
+            "threads": report["meta"].get("threads"), "weights": report["meta"].get("weights")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for set_name in args.sets:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        order = list(names)
         for i in range(args.repeats):
-            for name, env in names.items():
+            for name in order[i % len(order):] + order[:i % len(order)]:  # each round starts with another variant
+                env, expected = names[name]
                 r = run_once(set_name, env, args.extra)
+                if r["malloc"] != expected:
+                    raise SystemExit(f"{name}: the report says malloc {r['malloc']!r}, expected {expected!r}")
                 runs[name].append(r)
                 print(f"{set_name} {r['image']} #{i + 1} {name}: wall {r['wall_s']:.1f} s, "
                       f"solver {r['solver_s']:.1f} s, user {r['user_s']:.1f} s, sys {r['sys_s']:.1f} s, "
@@ -94,20 +110,21 @@ def main(argv: list[str] | None = None) -> int:
         psnrs = {r["psnr"] for rs in runs.values() for r in rs}
         if len(psnrs) != 1:
             raise SystemExit(f"{set_name}: the variants disagree on PSNR: {sorted(psnrs)}")
-        first = runs[next(iter(names))]
+        timed = ("wall_s", "solver_s", "user_s", "sys_s", "maxrss_mib")
+        first = runs[order[0]]
         base = {k: statistics.median(r[k] for r in first) for k in ("wall_s", "solver_s")}
         for name, rs in runs.items():
-            med = {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "solver_s", "user_s", "sys_s",
-                                                                    "maxrss_mib")}
+            med = {k: statistics.median(r[k] for r in rs) for k in timed}
             rows.append({"set": set_name, "image": rs[0]["image"], "variant": name, "runs": len(rs), **med,
                          "speedup_wall": base["wall_s"] / med["wall_s"],
                          "speedup_solver": base["solver_s"] / med["solver_s"],
-                         "psnr": rs[0]["psnr"], "nfe": rs[0]["nfe"], "malloc": rs[0]["malloc"]})
+                         "each": {k: [r[k] for r in rs] for k in timed},  # every run, for the spread
+                         **{k: rs[0][k] for k in ("psnr", "nfe", "malloc", "threads", "weights")}})
     import torch  # imported only now: the timed processes are separate
 
     from nerd.bench import device_name
     meta = {"repeats": args.repeats, "torch": torch.__version__, "device_name": device_name(torch.device("cpu")),
-            "threads": torch.get_num_threads(), "cores": os.cpu_count(), "tcmalloc": tcmalloc,
+            "threads": rows[0]["threads"], "cores": os.cpu_count(), "tcmalloc": tcmalloc,
             "loadavg_start": load, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "command": " ".join(["python scripts/ab_malloc.py", *(argv if argv is not None else sys.argv[1:])])}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -415,13 +415,18 @@ def attention_ab_table() -> str:
 
 def malloc_ab_table() -> str:
     """results/bench/malloc-ab.json (`scripts/ab_malloc.py`): whole `nerd eval` processes per malloc setting."""
+    path = RESULTS / "bench" / "malloc-ab.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    weights = sorted({r["weights"] for r in rows if r.get("weights")})  # the first results file lacks it
+    nfe = sorted({r["nfe"] for r in rows})
+    note = "; " + ", ".join([*weights, f"{'/'.join(map(str, nfe))} solver iterations, protocol noise"])
     return _ab_table("malloc-ab.json", "ab_malloc.py", "processes",
                      ["image", "malloc", "solver s", "speed-up", "process wall s", "kernel CPU s", "peak RSS MiB",
                       "PSNR (dB)"],
                      lambda r: f"| {r['set']} {r['image']} | {r['variant']} | {r['solver_s']:.1f} "
                                f"| {r['speedup_solver']:.2f}× | {r['wall_s']:.1f} | {r['sys_s']:.1f} "
                                f"| {r['maxrss_mib']:.0f} | {r['psnr']:.2f} |",
-                     left=2, note="; nerd-s25, 17 Broyden iterations, protocol noise")
+                     left=2, note=note)
 
 
 BLOCKS = {
