@@ -57,6 +57,22 @@ def test_results_table_marks_seconds_measured_on_a_gpu(tmp_path, monkeypatch):
     assert "| 2.0 (GPU) |" in rows["Urban100"] and "| 2.0 |" in rows["Set12"]
 
 
+def test_a_cell_not_measured_says_how_far_its_resumable_run_came(tmp_path, monkeypatch):
+    sha = read_metadata(shipped()["nerd-s25"])["sha256"]
+    (tmp_path / "eval").mkdir()
+    rows = [{"name": f"img_{i:03d}.png"} for i in range(3)]
+    for set_name, key_sha, iters in (("Urban100", sha, 17), ("BSD68", "0" * 64, 17), ("Set12", sha, 4)):
+        key = json.dumps({"method": "nerd", "set": set_name, "sigma": 25.0, "sha256": key_sha,
+                          "solver": {"max_iter": iters}})
+        (tmp_path / "eval" / f"eval-nerd-nerd-s25-{set_name}-s25.json.partial").write_text(
+            json.dumps({"key": key, "rows": rows}))
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    cells = {r.split(" | ")[0].strip("| "): r.split(" | ")[2] for r in readme.results_table().splitlines()
+             if "| 25 |" in r}
+    assert cells["Urban100"] == "not measured (3 images done, resumable)"
+    assert cells["BSD68"] == cells["Set12"] == "not measured"  # replaced weights; a reduced-iteration run
+
+
 def test_stage_plot_chains_the_sigma25_stages(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     (tmp_path / "training").mkdir()

@@ -54,8 +54,29 @@ def _load_evals() -> dict[tuple[str, str, int], dict]:
     return found
 
 
+def _nerd_in_progress() -> dict[tuple[str, int], int]:
+    """Images finished by interrupted `nerd eval` runs of the shipped weights (their `.partial` files), by (set,
+    sigma): a cell not measured yet says how far its resumable run has come."""
+    from nerd.weights import read_metadata, shipped
+
+    shipped_sha = {name: read_metadata(path)["sha256"] for name, path in shipped().items()}
+    done: dict[tuple[str, int], int] = {}
+    for path in sorted((RESULTS / "eval").glob("eval-nerd-*.json.partial")):
+        try:
+            data = json.loads(path.read_text())
+            key = json.loads(data["key"])
+            sigma = round(key["sigma"])
+            if (key.get("sha256") == shipped_sha.get(f"nerd-s{sigma}")
+                    and (key.get("solver") or {}).get("max_iter", 0) >= 8):
+                done[(key["set"], sigma)] = max(done.get((key["set"], sigma), 0), len(data["rows"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # not a partial file of this tool's format
+    return done
+
+
 def results_table() -> str:
     evals = _load_evals()
+    in_progress = _nerd_in_progress()
     lines = [
         "| set | σ | nerd (ours, shipped) | iterations | s/image | DnCNN-S | BM3D | NERD (paper, published) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -67,6 +88,8 @@ def results_table() -> str:
             for method in ("nerd", "dncnn", "bm3d"):
                 data = evals.get((method, set_name, sigma))
                 cells.append(f"{data['means']['psnr']:.2f} / {data['means']['ssim']:.4f}" if data else "not measured")
+            if not nerd and (set_name, sigma) in in_progress:
+                cells[0] += f" ({in_progress[(set_name, sigma)]} images done, resumable)"
             iters = f"{nerd['means']['nfe']:.1f}" if nerd and nerd["means"].get("nfe") is not None else "–"
             secs = f"{nerd['means']['seconds']:.1f}" if nerd else "–"
             if nerd and str(nerd.get("meta", {}).get("device", "cpu")).startswith("cuda"):
