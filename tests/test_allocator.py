@@ -14,9 +14,9 @@ from nerd import allocator
 # Runs in a fresh interpreter, so that the heap holds nothing from other tests. Prints, for a 64 MiB tensor: the
 # mmapped bytes it adds under glibc's defaults; the heap bytes given back when it is freed with mmap off but glibc's
 # initial trim threshold; then, after tune(), the mmapped bytes it adds, the heap bytes given back on free, and the
-# heap growth of a second tensor half its size.
+# heap growth of a second tensor half its size; last, the resident bytes that release() hands back.
 PROBE = r"""
-import ctypes, json, sys
+import ctypes, json, os, sys
 import torch
 from nerd import allocator
 
@@ -36,12 +36,18 @@ elif hasattr(libc, "mallinfo"):
 else:
     print(json.dumps(None)); sys.exit()
 libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
 N = 64 << 20
 
-def probe(n=N):
+def probe(n=N, plain=False):
+    # A tensor, or (plain) a bare malloc block: nothing else is allocated between its malloc and its free, so it
+    # sits at the top of the heap, where glibc trims (a tensor's own small blocks may land above its storage).
     before = info()
-    t = torch.ones(n, dtype=torch.uint8)
+    t = libc.malloc(n) if plain else torch.ones(n, dtype=torch.uint8)
     during = info()
+    libc.free(t) if plain else None
     del t
     after = info()
     return {"mmapped": during.hblkhd - before.hblkhd, "grown": during.arena - before.arena,
@@ -50,10 +56,17 @@ def probe(n=N):
 out = {"defaults": probe()}
 libc.mallopt(allocator.M_MMAP_MAX, 0)
 libc.mallopt(allocator.M_TRIM_THRESHOLD, 128 * 1024)  # glibc's initial value (the first free may have raised it)
-out["mmap_off"] = probe()
+out["mmap_off"] = probe(plain=True)
 out["status"] = allocator.tune({})
 out["tuned"] = probe()
+out["tuned_plain"] = probe(2 * N, plain=True)  # larger than any hole: on top of the heap
 out["tuned_again"] = probe(N // 2)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+allocator.release()
+out["released"] = before - rss()
 print(json.dumps(out))
 """
 
@@ -72,10 +85,12 @@ def test_tune_serves_large_tensors_from_the_heap_and_keeps_them() -> None:
     assert out["defaults"]["mmapped"] >= n  # the probe sees the mmap glibc makes by default
     assert out["mmap_off"]["mmapped"] == 0 and out["mmap_off"]["given_back"] >= n  # ...and the trim on free
     assert out["status"] == "tuned"
-    assert out["tuned"]["mmapped"] == 0 and out["tuned"]["given_back"] == 0  # in the heap, and kept there
+    assert out["tuned"]["mmapped"] == 0  # in the heap...
+    assert out["tuned_plain"]["grown"] > 0 and out["tuned_plain"]["given_back"] == 0  # ...and kept when freed
     # A later, smaller tensor reuses that memory: no new pages from the kernel. (One of the same size may not: torch
     # asks for 64-byte-aligned blocks, and glibc 2.36's memalign asks for more than the freed block holds.)
     assert out["tuned_again"]["grown"] == 0
+    assert out["released"] >= n  # release(), between images, hands the kept memory back to the kernel
 
 
 def test_tune_leaves_other_choices_alone() -> None:

@@ -3,9 +3,10 @@
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh `mmap` and unmaps it on free.
 A whole-image solve allocates many such tensors per f-evaluation (one 48-channel float map of a 1024x644 Urban100
 image is 121 MiB), so every one of them is page-faulted in and zeroed by the kernel again. `tune()` turns mmap off
-and raises the trim threshold, so freed memory stays in the heap and is reused; CUDA memory is not affected
+and trimming on free, so freed memory stays in the heap and is reused; CUDA memory is not affected
 (PyTorch caches it). What this covers: the main thread's allocations, which is where the command's tensors are
-made (glibc still mmaps blocks above 64 MiB that other threads ask for).
+made (glibc still mmaps blocks above 64 MiB that other threads ask for). Between images, `release()` hands the
+free heap back to the kernel, so that a process that has denoised a large image does not hold its memory after.
 
 Measured side by side in `scripts/ab_malloc.py` (results/bench/malloc-ab.json, rendered into the README): kernel
 time and wall time per image, and the price, a higher peak resident size (freed memory is kept, and the heap
@@ -27,9 +28,10 @@ from collections.abc import Mapping
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 
-# Freed memory at the top of the heap goes back to the kernel only beyond 2 GiB (mallopt takes an int), so it
-# stays available for the next f-evaluation's tensors; a finished process returns everything anyway.
-TRIM_THRESHOLD = 2**31 - 1
+# Freed memory at the top of the heap is never handed back on free (-1: mallopt takes an int, glibc stores it as
+# the largest size_t), so it stays for the next f-evaluation's tensors; `release()` hands it back between images.
+# A 2 GiB threshold still trimmed the large temporaries of a 1 MP image (more kernel time and a higher peak).
+TRIM_THRESHOLD = -1
 
 ENV = "NERD_MALLOC"
 # glibc's own ways to set what tune() sets: a user who chose them keeps them.
@@ -74,3 +76,13 @@ def _tune(environ: Mapping[str, str]) -> str:
     if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
         return "unavailable"
     return "tuned"
+
+
+def release() -> None:
+    """Hand the heap's free memory back to the kernel (`malloc_trim`), if `tune()` tuned this process.
+
+    Called between images: it costs fresh pages for the next image once, not once per f-evaluation, and it keeps a
+    long run's resident size at what the current image needs. A no-op in a process `tune()` did not tune.
+    """
+    if status == "tuned":
+        ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nerd import allocator
 from nerd.config import SolverConfig
 from nerd.data.noise import protocol_noisy
 from nerd.io import list_images, load_gray
@@ -338,6 +339,7 @@ def evaluate(
         if partial is not None:
             done[path.name] = rows[-1]
             _write_partial(partial, key, list(done.values()))
+        allocator.release()  # the next image starts from what it needs (the `nerd` command keeps freed memory)
     bar.close()
     return Report(name, set_name, float(sigma255), rows, limit, info)
 

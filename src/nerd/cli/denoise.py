@@ -226,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from nerd import allocator
     from nerd.cli import UserError
     from nerd.denoise import (
         SAMPLE_CLEAN,
@@ -307,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
         except DenoiseError as err:
             raise UserError(f"{job.src}: {err}") from None
         write_image(job.dst, x_hat, job.depth)
+        allocator.release()  # freed memory back to the kernel between images
         say(f"{job.src.name}: {describe(summary)} -> {job.dst}")
         if not summary["converged"] and args.quiet:
             print(
