@@ -30,12 +30,20 @@ PAPER_NERD = {
 }
 
 
-def _load_evals() -> dict[tuple[str, str, int], dict]:
-    """Full-set eval results by (method, set, sigma); NERD results only for the shipped weights of that sigma, as
-    they are now (a record whose sha256 is not the shipped file's was measured on weights since replaced)."""
+def _shipped_solve() -> Callable[[dict, int], bool]:
+    """A test of a NERD report's meta (or a partial file's key) at sigma: the shipped weights of that sigma as they
+    are now (a sha256 that is not the shipped file's was measured on weights since replaced), with the shipped
+    solver setting (not a reduced-iteration run)."""
     from nerd.weights import read_metadata, shipped
 
     shipped_sha = {name: read_metadata(path)["sha256"] for name, path in shipped().items()}
+    return lambda meta, sigma: (meta.get("sha256") == shipped_sha.get(f"nerd-s{sigma}")
+                                and (meta.get("solver") or {}).get("max_iter", 0) >= 8)
+
+
+def _load_evals() -> dict[tuple[str, str, int], dict]:
+    """Full-set eval results by (method, set, sigma); NERD results only for the shipped weights and solver."""
+    is_shipped = _shipped_solve()
     found: dict[tuple[str, str, int], dict] = {}
     for path in sorted((RESULTS / "eval").glob("eval-*.json")):
         data = json.loads(path.read_text())
@@ -43,13 +51,8 @@ def _load_evals() -> dict[tuple[str, str, int], dict]:
             continue  # partial runs never enter the table
         sigma = round(data["sigma"])
         method = data["method"]
-        if method == "nerd":
-            meta = data.get("meta", {})
-            # the checksum names the weights: other files, and shipped files since replaced, are left out
-            if meta.get("sha256") != shipped_sha.get(f"nerd-s{sigma}"):
-                continue
-            if (meta.get("solver") or {}).get("max_iter", 0) < 8:
-                continue  # the headline uses the shipped solver setting, not reduced-iteration runs
+        if method == "nerd" and not is_shipped(data.get("meta", {}), sigma):
+            continue
         found[(method, data["set"], sigma)] = data
     return found
 
@@ -57,17 +60,14 @@ def _load_evals() -> dict[tuple[str, str, int], dict]:
 def _nerd_in_progress() -> dict[tuple[str, int], int]:
     """Images finished by interrupted `nerd eval` runs of the shipped weights (their `.partial` files), by (set,
     sigma): a cell not measured yet says how far its resumable run has come."""
-    from nerd.weights import read_metadata, shipped
-
-    shipped_sha = {name: read_metadata(path)["sha256"] for name, path in shipped().items()}
+    is_shipped = _shipped_solve()
     done: dict[tuple[str, int], int] = {}
     for path in sorted((RESULTS / "eval").glob("eval-nerd-*.json.partial")):
         try:
             data = json.loads(path.read_text())
             key = json.loads(data["key"])
             sigma = round(key["sigma"])
-            if (key.get("sha256") == shipped_sha.get(f"nerd-s{sigma}")
-                    and (key.get("solver") or {}).get("max_iter", 0) >= 8):
+            if is_shipped(key, sigma):
                 done[(key["set"], sigma)] = max(done.get((key["set"], sigma), 0), len(data["rows"]))
         except (ValueError, KeyError, TypeError):
             continue  # not a partial file of this tool's format
@@ -407,18 +407,18 @@ def speed_tables() -> str:
     return "\n\n".join(_optional("nerd.bench_report", "markdown_tables", f, "results/bench") for f in full)
 
 
-def _ab_table(file: str, script: str, what: str, header: list[str], row: Callable[[dict], str], left: int = 1,
-              note: str = "") -> str:
-    """A side-by-side results file of `scripts/<script>`: its command and conditions (and `note`), then a table
-    row a case, its first `left` columns left-aligned."""
+def _ab_table(file: str, script: str, what: str, header: Callable[[dict], list[str]], row: Callable[[dict], str],
+              left: int = 1, note: Callable[[dict], str] = lambda data: "") -> str:
+    """A side-by-side results file of `scripts/<script>`: its command and conditions (and `note(data)`), then a
+    table under `header(data)`, a row a case, its first `left` columns left-aligned."""
     path = RESULTS / "bench" / file
     if not path.is_file():
         return f"_not measured yet: `python scripts/{script}`_"
     data = json.loads(path.read_text())
-    meta = data["meta"]
+    meta, header, extra = data["meta"], header(data), note(data)
     threads = f"{meta['threads']} thread(s)" + (f" on {meta['cores']} cores" if "cores" in meta else "")
     lines = [f"`{meta['command']}` ({meta['device_name']}, torch {meta['torch']}, {threads}, medians of "
-             f"{meta['repeats']} interleaved {what}, 1-minute load {meta['loadavg_start']:.1f} at the start{note}):",
+             f"{meta['repeats']} interleaved {what}, 1-minute load {meta['loadavg_start']:.1f} at the start{extra}):",
              "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * left + " ---: |" * (len(header) - left)]
     return "\n".join(lines + [row(r) for r in data["rows"]])
@@ -426,26 +426,24 @@ def _ab_table(file: str, script: str, what: str, header: list[str], row: Callabl
 
 def attention_ab_table() -> str:
     """results/bench/attention-ab.json (`scripts/ab_attention.py`): the attention before / after a change."""
-    rev = ""
-    path = RESULTS / "bench" / "attention-ab.json"
-    if path.is_file():
-        rev = json.loads(path.read_text())["meta"]["rev"]
     return _ab_table("attention-ab.json", "ab_attention.py --rev REV", "runs",
-                     ["case", f"before ({rev}), s", "now, s", "speed-up", "max abs. difference"],
+                     lambda data: ["case", f"before ({data['meta']['rev']}), s", "now, s", "speed-up",
+                                   "max abs. difference"],
                      lambda r: f"| {r['case']} | {r['before_s']:.3f} | {r['now_s']:.3f} | {r['speedup']:.2f}× "
                                f"| {r['max_abs_diff']:.1e} |")
 
 
 def malloc_ab_table() -> str:
     """results/bench/malloc-ab.json (`scripts/ab_malloc.py`): whole `nerd eval` processes per malloc setting."""
-    path = RESULTS / "bench" / "malloc-ab.json"
-    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
-    weights = sorted({r["weights"] for r in rows if r.get("weights")})  # the first results file lacks it
-    nfe = sorted({r["nfe"] for r in rows})
-    note = "; " + ", ".join([*weights, f"{'/'.join(map(str, nfe))} solver iterations, protocol noise"])
+
+    def note(data: dict) -> str:
+        weights = sorted({r["weights"] for r in data["rows"] if r.get("weights")})
+        nfe = sorted({r["nfe"] for r in data["rows"]})
+        return "; " + ", ".join([*weights, f"{'/'.join(map(str, nfe))} solver iterations, protocol noise"])
+
     return _ab_table("malloc-ab.json", "ab_malloc.py", "processes",
-                     ["image", "malloc", "solver s", "speed-up", "process wall s", "kernel CPU s", "peak RSS MiB",
-                      "PSNR (dB)"],
+                     lambda data: ["image", "malloc", "solver s", "speed-up", "process wall s", "kernel CPU s",
+                                   "peak RSS MiB", "PSNR (dB)"],
                      lambda r: f"| {r['set']} {r['image']} | {r['variant']} | {r['solver_s']:.1f} "
                                f"| {r['speedup_solver']:.2f}× | {r['wall_s']:.1f} | {r['sys_s']:.1f} "
                                f"| {r['maxrss_mib']:.0f} | {r['psnr']:.2f} |",
