@@ -2,8 +2,10 @@
 
 Scales: images are float on [0, 1] (8-bit pixel / 255, 16-bit pixel / 65535); sigma is always given on the
 0-255 scale, whatever the file's bit depth (sigma 25 means a standard deviation of 25/255 on [0, 1]).
-The whole image goes through the model at once (no tiling): the neighbourhood attention is exact and blocked,
-so its memory does not grow with (H W)^2; the solver's state grows linearly with H W.
+By default the whole image goes through the model at once: the neighbourhood attention is exact and blocked, so its
+memory does not grow with (H W)^2, but the f-evaluation's feature maps and the solver's history grow linearly with
+H W (about 11 KB a pixel with the shipped weights). Images too large for memory go in overlapping tiles
+(`tile=`, chosen by `nerd.tiling.choose_tile` in the CLI).
 """
 
 from __future__ import annotations
@@ -73,8 +75,11 @@ def denoise_image(
     *,
     solver: Any = None,
     device: str | None = None,
+    tile: int | None = None,
+    overlap: int | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Denoise one grayscale image with a DEQDenoiser.
+    """Denoise one grayscale image with a DEQDenoiser, whole or in overlapping tiles.
 
     Args:
         model: a `nerd.models.DEQDenoiser` (moved to `device`; run in eval mode, its mode restored after).
@@ -82,16 +87,26 @@ def denoise_image(
         sigma255: noise std on the 0-255 scale (also for 16-bit images), 0 < sigma255 <= 255.
         solver: a `SolverConfig` overriding the model's solver (`dataclasses.replace(model.solver, ...)`).
         device: "cpu", "cuda", ...; default: CUDA when available.
+        tile: None (default) solves the whole image at once; a side length solves square tiles of that size
+            (smaller at the borders when the image is smaller), blended where they overlap, to bound memory
+            (`nerd.tiling.choose_tile` picks one from the memory available). A tile that covers the image is
+            the whole-image solve.
+        overlap: pixels shared by neighbouring tiles (default `nerd.tiling.OVERLAP`); must be < tile.
+        progress: a progress bar over the tiles (stderr).
 
     Returns:
-        (x_hat, summary): x_hat float32 (H, W) clipped to [0, 1]; summary dict with height, width,
-        nfe (f-evaluations = iterations), rel_residual, abs_residual, converged, tol, seconds, device.
+        (x_hat, summary): x_hat float32 (H, W) clipped to [0, 1]; summary dict with height, width, nfe
+        (f-evaluations = iterations; the most of any tile), rel_residual and abs_residual (the largest of any tile),
+        converged (every tile), tiles (1 for a whole-image solve), tile (side or None), unconverged_tiles, tol,
+        memory, seconds, device.
 
     Raises:
-        ValueError: y is not a finite 2-D array, or sigma255 is out of range.
+        ValueError: y is not a finite 2-D array, sigma255 is out of range, or tile <= overlap.
         DenoiseError: the output has non-finite values.
     """
     import torch
+
+    from nerd.tiling import OVERLAP, tiles
 
     y = np.ascontiguousarray(y, dtype=np.float32)
     if y.ndim != 2 or y.size == 0:
@@ -99,15 +114,38 @@ def denoise_image(
     if not np.isfinite(y).all():
         raise ValueError("image has NaN or infinite pixels")
     sigma = check_sigma(sigma255)
-    solver = fit_memory(solver or model.solver, model.cfg.channels * y.size)
+    overlap = OVERLAP if overlap is None else int(overlap)
+    if tile is not None and max(y.shape) <= tile:
+        tile = None  # one tile covers the image: the whole-image solve
+    if tile is not None and (tile <= overlap or overlap < 0):
+        raise ValueError(f"tile must be larger than the overlap ({overlap}) and the overlap >= 0, got tile {tile}")
+    pieces = tiles(*y.shape, tile, overlap) if tile is not None else [(slice(None), slice(None), None)]
+    largest = max(p[2].numel() for p in pieces) if tile is not None else y.size
+    solver = fit_memory(solver or model.solver, model.cfg.channels * largest)
     dev = torch.device(device or default_device())
     was_training = model.training
     model.to(dev).eval()
+    stats = []
     try:
         start = time.perf_counter()
         with torch.inference_mode():
-            eq = model.equilibrium(torch.from_numpy(y).to(dev)[None, None], sigma / 255.0, solver=solver)
-            x = eq.x_hat[0, 0].float()
+            y_t = torch.from_numpy(y).to(dev)
+            acc = torch.zeros_like(y_t) if tile is not None else None
+            norm = torch.zeros_like(y_t) if tile is not None else None
+            bar = _bar(len(pieces), progress)
+            for rows, cols, weight in pieces:
+                eq = model.equilibrium(y_t[rows, cols][None, None], sigma / 255.0, solver=solver)
+                x = eq.x_hat[0, 0].float()
+                stats.append(eq.stats)
+                if acc is None:
+                    acc = x
+                else:
+                    w = weight.to(dev)
+                    acc[rows, cols] += w * x
+                    norm[rows, cols] += w
+                bar.update()
+            bar.close()
+            x = acc if norm is None else acc / norm
             finite = bool(torch.isfinite(x).all())
             x_hat = x.clamp(0.0, 1.0).cpu().numpy()
         if dev.type == "cuda":
@@ -115,14 +153,18 @@ def denoise_image(
         seconds = time.perf_counter() - start
     finally:
         model.train(was_training)
-    stats = eq.stats
+    converged = [bool(s.converged[0]) for s in stats]
     summary: dict[str, Any] = {
         "height": int(y.shape[0]),
         "width": int(y.shape[1]),
-        "nfe": int(stats.nfe[0]),
-        "rel_residual": float(stats.rel_residual[0]),
-        "abs_residual": float(stats.abs_residual[0]),
-        "converged": bool(stats.converged[0]),
+        "nfe": max(int(s.nfe[0]) for s in stats),
+        "rel_residual": max(float(s.rel_residual[0]) for s in stats),
+        "abs_residual": max(float(s.abs_residual[0]) for s in stats),
+        "converged": all(converged),
+        "tiles": len(pieces),
+        "tile": tile,
+        "overlap": overlap if tile is not None else None,
+        "unconverged_tiles": converged.count(False),
         "tol": float(solver.tol),
         "memory": int(solver.memory),
         "seconds": seconds,
@@ -136,13 +178,31 @@ def denoise_image(
     return x_hat.astype(np.float32, copy=False), summary
 
 
+def _bar(total: int, show: bool) -> Any:
+    """A tqdm bar over the tiles on stderr (silent for one tile or when not asked)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tile", leave=False, file=sys.stderr, disable=not show or total < 2)
+
+
 def describe(summary: dict[str, Any]) -> str:
-    """One line: '256x256, 12 iterations, converged (rel residual 8.1e-04), 1.23 s'."""
-    state = "converged" if summary["converged"] else "NOT converged"
-    detail = f"rel residual {summary['rel_residual']:.1e}"
+    """One line: '256x256, 12 iterations, converged (rel residual 8.1e-04), 1.23 s'; for a tiled solve
+    '4000x3000 in 48 tiles of 640x640 (overlap 32), up to 17 iterations, NOT converged in 3 of 48 tiles (...)'."""
+    tiled = summary.get("tiles", 1) > 1
+    if summary["converged"]:
+        state = "converged"
+    elif tiled:
+        state = f"NOT converged in {summary['unconverged_tiles']} of {summary['tiles']} tiles"
+    else:
+        state = "NOT converged"
+    detail = f"{'largest ' if tiled else ''}rel residual {summary['rel_residual']:.1e}"
     if not summary["converged"]:
         detail += f" > tol {summary['tol']:.0e}"
-    return (
-        f"{summary['width']}x{summary['height']}, {summary['nfe']} iterations, {state} ({detail}), "
-        f"{summary['seconds']:.2f} s"
-    )
+    size = f"{summary['width']}x{summary['height']}"
+    if tiled:
+        side = summary["tile"]
+        size += f" in {summary['tiles']} tiles of {side}x{side} (overlap {summary['overlap']})"
+    iterations = f"{'up to ' if tiled else ''}{summary['nfe']} iterations"
+    return f"{size}, {iterations}, {state} ({detail}), {summary['seconds']:.2f} s"

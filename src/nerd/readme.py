@@ -408,17 +408,19 @@ def speed_tables() -> str:
 
 
 def _ab_table(file: str, script: str, what: str, header: Callable[[dict], list[str]], row: Callable[[dict], str],
-              left: int = 1, note: Callable[[dict], str] = lambda data: "") -> str:
+              left: int = 1, note: Callable[[dict], str] = lambda data: "", single: str = "run") -> str:
     """A side-by-side results file of `scripts/<script>`: its command and conditions (and `note(data)`), then a
-    table under `header(data)`, a row a case, its first `left` columns left-aligned."""
+    table under `header(data)`, a row a case, its first `left` columns left-aligned. `what` names the repeated
+    unit ("runs"); a file of single runs says "one <single> each"."""
     path = RESULTS / "bench" / file
     if not path.is_file():
         return f"_not measured yet: `python scripts/{script}`_"
     data = json.loads(path.read_text())
     meta, header, extra = data["meta"], header(data), note(data)
     threads = f"{meta['threads']} thread(s)" + (f" on {meta['cores']} cores" if "cores" in meta else "")
-    lines = [f"`{meta['command']}` ({meta['device_name']}, torch {meta['torch']}, {threads}, medians of "
-             f"{meta['repeats']} interleaved {what}, 1-minute load {meta['loadavg_start']:.1f} at the start{extra}):",
+    runs = f"medians of {meta['repeats']} interleaved {what}" if meta["repeats"] > 1 else f"one {single} each"
+    lines = [f"`{meta['command']}` ({meta['device_name']}, torch {meta['torch']}, {threads}, {runs}, "
+             f"1-minute load {meta['loadavg_start']:.1f} at the start{extra}):",
              "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * left + " ---: |" * (len(header) - left)]
     return "\n".join(lines + [row(r) for r in data["rows"]])
@@ -450,6 +452,26 @@ def malloc_ab_table() -> str:
                      left=2, note=note)
 
 
+def tiling_table() -> str:
+    """results/bench/tiling.json (`scripts/tiling_check.py`): whole-image against tiled solves."""
+
+    def note(data: dict) -> str:
+        weights = sorted({r["weights"] for r in data["rows"]})
+        return f"; σ {data['meta']['sigma']:g}, weights {', '.join(weights)}, protocol noise"
+
+    def row(r: dict) -> str:
+        solve = "whole image" if not r["tile"] else f"tiles of {r['tile']}² ({r['tiles']})"
+        return (f"| {r['image']} ({r['width']}×{r['height']}) | {solve} | {r['nfe']} "
+                f"| {r['converged_tiles']}/{r['tiles']} | {r['seconds']:.1f} | {1 / r['speed']:.2f}× "
+                f"| {r['peak_mib']:.0f} | {r['estimate_mib']:.0f} | {r['psnr']:.3f} | {r['delta_psnr']:+.3f} "
+                f"| {r['ssim']:.4f} |")
+
+    return _ab_table("tiling.json", "tiling_check.py", "processes",
+                     lambda data: ["image", "solve", "iterations (most)", "converged", "solver s", "time vs whole",
+                                   "peak MiB", "estimate MiB", "PSNR (dB)", "vs whole (dB)", "SSIM"],
+                     row, left=2, note=note, single="process")
+
+
 BLOCKS = {
     "results": results_table,
     "training-compare": lambda: training_table("cpu-"),
@@ -459,6 +481,7 @@ BLOCKS = {
     "speed": speed_tables,
     "attention-ab": attention_ab_table,
     "malloc-ab": malloc_ab_table,
+    "tiling": tiling_table,
     "speed-now": lambda: _optional("nerd.bench_report", "markdown_tables",
                                    RESULTS / "bench" / "after-malloc" / "bench-cpu.json", "results/bench/after-malloc"),
     "experiments": lambda: _optional("nerd.experiments", "markdown_summary", RESULTS / "experiments"),

@@ -21,6 +21,9 @@ scales: 8-bit pixels are read as pixel/255, 16-bit as pixel/65535; --sigma is al
 (a 16-bit image with noise std 6425 of 65535 has --sigma 25). Output keeps the input's size and bit depth;
 its format follows the -o suffix (.png, .tif, .jpg, .bmp; 16-bit needs .png or .tif).
 several inputs or a folder: -o is a folder (created if its parent exists), outputs keep the input names.
+large images: a whole-image solve needs about 11 KB a pixel with the shipped weights (9 GB for 1 megapixel);
+with --tile auto an image that would not fit is solved in tiles (said in its report line), whose result
+differs slightly from a whole-image solve (see the README, "Large images: tiles").
 exit status 2 on bad input, with one line on stderr and no output written.
 """
 
@@ -52,6 +55,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--tol", metavar="T", help="solver relative-residual tolerance (overrides the weights' tol)"
     )
     p.add_argument("--device", metavar="cpu|cuda", help="default: cuda when available, else cpu")
+    p.add_argument(
+        "--tile",
+        metavar="N|auto|off",
+        default="auto",
+        help="solve in overlapping N x N tiles to bound memory; 'auto' (default): tiles only when the whole "
+        "image would not fit in the memory available; 'off': always the whole image",
+    )
     p.add_argument(
         "--sample", action="store_true", help="denoise the shipped sample image (sigma 25) and print PSNR"
     )
@@ -100,6 +110,41 @@ def _parse_sigma(text: str | None) -> float | str | None:
     if not math.isfinite(sigma) or sigma <= 0 or sigma > MAX_SIGMA:
         raise UserError(f"--sigma must be in (0, {MAX_SIGMA:g}] on the 0-255 scale, got {text!r}")
     return sigma
+
+
+def _parse_tile(text: str) -> int | str | None:
+    """--tile: 'auto', None for 'off', or a side length > the tiles' overlap."""
+    from nerd.cli import UserError
+    from nerd.tiling import OVERLAP
+
+    if text.lower() in ("auto", "off"):
+        return None if text.lower() == "off" else "auto"
+    side = _number(text, "--tile", int, 1)
+    if side <= OVERLAP:
+        raise UserError(f"--tile must be larger than the tiles' overlap ({OVERLAP} pixels), got {text!r}")
+    return side
+
+
+def _tile_for(y_shape: tuple[int, int], choice: int | str | None, model: Any, solver: Any, device: str) -> tuple[
+    int | None, str
+]:
+    """The tile side for one image (None: whole) and, when --tile auto chose tiles, the line that says why."""
+    import torch
+
+    from nerd.tiling import available_bytes, choose_tile, history_pairs, peak_bytes
+
+    if choice != "auto":
+        return choice, ""  # type: ignore[return-value]
+    channels, pairs = model.cfg.channels, history_pairs(solver)
+    available = available_bytes(torch.device(device))
+    side = choose_tile(*y_shape, channels, pairs, available)
+    if side is None:
+        return None, ""
+    need = peak_bytes(y_shape[0] * y_shape[1], channels, pairs) / 2**30
+    return side, (
+        f"the whole image needs about {need:.1f} GiB and {available / 2**30:.1f} GiB is available: "  # type: ignore[operator]
+        f"solving it in tiles of {side}x{side} (--tile off to force the whole image)"
+    )
 
 
 def _inputs(args: argparse.Namespace) -> tuple[list[Path], bool]:
@@ -243,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
     sigma = _parse_sigma(args.sigma)
     iters = _number(args.iters, "--iters", int, 1)
     tol = _number(args.tol, "--tol", float, 0)
+    tile_choice = _parse_tile(args.tile)
     device = args.device or default_device()
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, got {device!r}")
@@ -303,8 +349,13 @@ def run(args: argparse.Namespace) -> int:
             except ImageError as err:  # changed since validation
                 raise UserError(str(err)) from None
         sigma_in = job.sigma if job.sigma > 0 else models[job.weights][1]["sigma"]
+        tile, why = _tile_for(y.shape, tile_choice, model, solver, device)
+        if why:
+            say(f"{job.src.name}: {why}")
         try:
-            x_hat, summary = denoise_image(model, y, min(sigma_in, 255.0), solver=solver, device=device)
+            x_hat, summary = denoise_image(
+                model, y, min(sigma_in, 255.0), solver=solver, device=device, tile=tile, progress=not args.quiet
+            )
         except DenoiseError as err:
             raise UserError(f"{job.src}: {err}") from None
         write_image(job.dst, x_hat, job.depth)
