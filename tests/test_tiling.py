@@ -26,11 +26,14 @@ from nerd.weights import save_weights
 
 @pytest.mark.parametrize("n, tile, overlap", [(100, 48, 16), (131, 48, 16), (49, 48, 16), (1000, 256, 32), (7, 48, 4)])
 def test_tiles_cover_the_axis_with_the_overlap(n, tile, overlap):
-    starts = tile_starts(n, tile, overlap)
-    side = min(tile, n)
-    assert starts[0] == 0 and starts[-1] + side == n
+    starts, length = tile_starts(n, tile, overlap)
+    assert length <= tile and starts[0] == 0 and starts[-1] + length == n
     steps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    assert all(0 < step <= tile - overlap for step in steps)  # neighbours share at least `overlap` pixels
+    assert all(0 < step <= length - overlap for step in steps)  # neighbours share at least `overlap` pixels
+    k = len(starts)
+    if k > 1:  # the fewest windows, each as short as k windows allow
+        assert (k - 1) * tile - (k - 2) * overlap < n
+        assert k * (length - 1) - (k - 1) * overlap < n
     with pytest.raises(ValueError):
         tile_starts(n, overlap, overlap)
 
@@ -75,7 +78,7 @@ def test_tiled_blend_of_a_pointwise_denoiser_is_the_whole_image():
     assert model.calls == s["tiles"] == len(tiles(97, 131, 48, 16)) == 12
     np.testing.assert_allclose(tiled, whole, atol=1e-6)
     assert s1["tiles"] == 1 and s1["tile"] is None
-    assert s["tile"] == 48 and s["overlap"] == 16
+    assert s["tile"] == 48 and s["tile_shape"] == (43, 45) and s["overlap"] == 16
     assert s["nfe"] == 5 and s["rel_residual"] == pytest.approx(1e-2)
     assert not s["converged"] and s["unconverged_tiles"] == 6
     assert s["abs_residual"] == pytest.approx(1.2)
@@ -179,13 +182,13 @@ def test_cli_tiles_when_the_image_does_not_fit(capsys, tmp_path, weights, monkey
     monkeypatch.setattr(nerd.tiling, "available_bytes", lambda device: fits_128)
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "solving it in tiles of 128x128" in out and "in 4 tiles of 128x128 (overlap 32)" in out
+    assert "solving it in tiles of at most 128x128" in out and "in 4 tiles of 101x91 (overlap 32)" in out
     assert Image.open(tmp_path / "o.png").size == (170, 150)
     assert main([*args, "--tile", "off"]) == 0
     out = capsys.readouterr().out
     assert "tiles of" not in out and "170x150, 2 iterations" in out
     assert main([*args, "--tile", "100"]) == 0
-    assert "in 6 tiles of 100x100" in capsys.readouterr().out
+    assert "in 6 tiles of 78x91" in capsys.readouterr().out
     for bad in ("32", "abc", "0"):
         assert main([*args, "--tile", bad]) == 2
         assert "--tile" in capsys.readouterr().err

@@ -460,7 +460,9 @@ def tiling_table() -> str:
         return f"; σ {data['meta']['sigma']:g}, weights {', '.join(weights)}, protocol noise"
 
     def row(r: dict) -> str:
-        solve = "whole image" if not r["tile"] else f"tiles of {r['tile']}² ({r['tiles']})"
+        solve = "whole image"
+        if r["tile"]:
+            solve = f"--tile {r['tile']}: {r['tiles']} tiles of {r['tile_shape'][1]}×{r['tile_shape'][0]}"
         return (f"| {r['image']} ({r['width']}×{r['height']}) | {solve} | {r['nfe']} "
                 f"| {r['converged_tiles']}/{r['tiles']} | {r['seconds']:.1f} | {1 / r['speed']:.2f}× "
                 f"| {r['peak_mib']:.0f} | {r['estimate_mib']:.0f} | {r['psnr']:.3f} | {r['delta_psnr']:+.3f} "

@@ -81,17 +81,19 @@ def choose_tile(height: int, width: int, channels: int, pairs: int, available: i
     return side
 
 
-def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of windows of length min(tile, n) that cover 0..n-1, neighbours sharing >= `overlap` pixels.
+def tile_starts(n: int, tile: int, overlap: int) -> tuple[list[int], int]:
+    """(starts, length): the fewest windows of one length <= `tile` that cover 0..n-1, neighbours sharing at least
+    `overlap` pixels; the length is the smallest that does it, so no more pixels are solved twice than needed.
 
     The windows are spread evenly, the first at 0 and the last ending at n.
     """
     if tile <= overlap:
         raise ValueError(f"tile ({tile}) must be larger than the overlap ({overlap})")
     if n <= tile:
-        return [0]
-    count = math.ceil((n - tile) / (tile - overlap)) + 1
-    return [round(i * (n - tile) / (count - 1)) for i in range(count)]
+        return [0], n
+    count = math.ceil((n - overlap) / (tile - overlap))
+    length = math.ceil((n + (count - 1) * overlap) / count)
+    return [round(i * (n - length) / (count - 1)) for i in range(count)], length
 
 
 def ramp(length: int, overlap: int, left: bool, right: bool) -> torch.Tensor:
@@ -106,9 +108,9 @@ def ramp(length: int, overlap: int, left: bool, right: bool) -> torch.Tensor:
 
 
 def tiles(height: int, width: int, tile: int, overlap: int) -> list[tuple[slice, slice, torch.Tensor]]:
-    """(rows, cols, weight) of every tile of a height x width image; weight is (h, w), positive everywhere."""
-    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    th, tw = min(tile, height), min(tile, width)
+    """(rows, cols, weight) of every tile of a height x width image; all tiles have one shape (at most tile x tile),
+    weight has that shape and is positive everywhere."""
+    (rows, th), (cols, tw) = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
     out = []
     for a, i in enumerate(rows):
         wr = ramp(th, overlap, a > 0, a < len(rows) - 1)

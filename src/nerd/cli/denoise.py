@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--tile",
         metavar="N|auto|off",
         default="auto",
-        help="solve in overlapping N x N tiles to bound memory; 'auto' (default): tiles only when the whole "
+        help="solve in overlapping tiles of at most N x N to bound memory; 'auto' (default): tiles only when the whole "
         "image would not fit in the memory available; 'off': always the whole image",
     )
     p.add_argument(
@@ -143,7 +143,7 @@ def _tile_for(y_shape: tuple[int, int], choice: int | str | None, model: Any, so
     need = peak_bytes(y_shape[0] * y_shape[1], channels, pairs) / 2**30
     return side, (
         f"the whole image needs about {need:.1f} GiB and {available / 2**30:.1f} GiB is available: "  # type: ignore[operator]
-        f"solving it in tiles of {side}x{side} (--tile off to force the whole image)"
+        f"solving it in tiles of at most {side}x{side} (--tile off to force the whole image)"
     )
 
 
