@@ -50,7 +50,7 @@ def one(path: str, tile: int, sigma: float) -> dict[str, Any]:
     return {"psnr": psnr(x_hat.astype(np.float64), x), "ssim": ssim(x_hat.astype(np.float64), x),
             "seconds": s["seconds"], "tiles": s["tiles"], "nfe": s["nfe"], "converged_tiles": s["tiles"] -
             s["unconverged_tiles"], "height": x.shape[0], "width": x.shape[1], "weights": info["sha256"][:12],
-            "tile_shape": s["tile_shape"],
+            "tile_shape": s["tile_shape"], "channels": model.cfg.channels, "pairs": history_pairs(model.solver),
             "estimate_mib": peak_bytes(shape[0] * shape[1], model.cfg.channels, history_pairs(model.solver)) / 2**20,
             "peak_mib": peak / 2**20, "malloc": allocator.status}
 

@@ -98,8 +98,7 @@ def denoise_image(
         (x_hat, summary): x_hat float32 (H, W) clipped to [0, 1]; summary dict with height, width, nfe
         (f-evaluations = iterations; the most of any tile), rel_residual and abs_residual (the largest of any tile),
         converged (every tile), tiles (1 for a whole-image solve), tile (the side asked for, or None), tile_shape
-        ((h, w) of the tiles, or None), unconverged_tiles, tol,
-        memory, seconds, device.
+        ((h, w) of the tiles, or None), overlap, unconverged_tiles, tol, memory, seconds, device.
 
     Raises:
         ValueError: y is not a finite 2-D array, sigma255 is out of range, or tile <= overlap.

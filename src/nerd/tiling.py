@@ -21,9 +21,11 @@ import torch
 # 256^2 and 384^2 with 2 and 8 secant pairs (`nerd.allocator.tune()` on): 5.2 KB a pixel besides the history,
 # 384 B a pixel per secant pair, 190 MiB whatever the size. In units of one float32 feature map:
 MAPS_PER_PIXEL = 28.0  # f-evaluation intermediates and the solver's few current vectors
-# The estimate without it is 5 % above the measured peak of a 1024x768 image (10.9 KB a pixel, heap fragmentation
-# included); the margin covers other sizes and solvers.
-SAFETY = 1.1
+# Measured peaks per pixel run higher on large images and on tiles solved one after the other (the heap keeps
+# some fragments from tile to tile): without this factor the estimate was 5 % above the peak of a whole 256x256
+# image, 8 % below a whole 1024x681 one and 15 % below 363x357 tiles of it. The README's *Large images: tiles*
+# sets each estimate beside the measured peak.
+SAFETY = 1.25
 FIXED_BYTES = 256 * 2**20
 USABLE = 0.85  # of the memory available when the image starts
 MIN_TILE = 128
