@@ -12,12 +12,9 @@ difference (the two must agree). Writes results/bench/attention-ab.json, which `
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import json
 import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,7 +24,7 @@ from typing import Any
 import torch
 
 import nerd.models.attention as current
-from nerd.bench import _median, device_name, interleaved
+from nerd.bench import _median, interleaved, write_side_by_side
 from nerd.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "attention-ab.json")
     args = parser.parse_args(argv)
+    load = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     old = load_revision(args.rev)
     rev = subprocess.run(["git", "rev-parse", "--short", args.rev], cwd=ROOT, check=True, capture_output=True,
@@ -112,13 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         diff = float((timings["before"][1] - timings["now"][1]).abs().max())
         rows.append({"case": label, "before_s": before, "now_s": now, "speedup": before / now, "max_abs_diff": diff})
         print(f"{label}: {before:.3f} s -> {now:.3f} s ({before / now:.2f}x), max |diff| {diff:.1e}", flush=True)
-    meta = {"rev": rev, "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
-            "device_name": device_name(torch.device("cpu")), "loadavg_start": os.getloadavg()[0],
-            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "command": " ".join(["python scripts/ab_attention.py", *(argv if argv is not None else sys.argv[1:])])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+    write_side_by_side(args.out, "ab_attention.py", argv, rows, load, rev=rev, threads=args.threads,
+                       repeats=args.repeats)
     return 0
 
 

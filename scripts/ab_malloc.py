@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes.util
-import datetime
 import json
 import os
 import statistics
@@ -120,16 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                          "speedup_solver": base["solver_s"] / med["solver_s"],
                          "each": {k: [r[k] for r in rs] for k in timed},  # every run, for the spread
                          **{k: rs[0][k] for k in ("psnr", "nfe", "malloc", "threads", "weights")}})
-    import torch  # imported only now: the timed processes are separate
-
-    from nerd.bench import device_name
-    meta = {"repeats": args.repeats, "torch": torch.__version__, "device_name": device_name(torch.device("cpu")),
-            "threads": rows[0]["threads"], "cores": os.cpu_count(), "tcmalloc": tcmalloc,
-            "loadavg_start": load, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "command": " ".join(["python scripts/ab_malloc.py", *(argv if argv is not None else sys.argv[1:])])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+    from nerd.bench import write_side_by_side  # imported only now (torch): the timed processes are separate
+    write_side_by_side(args.out, "ab_malloc.py", argv, rows, load, repeats=args.repeats, threads=rows[0]["threads"],
+                       cores=os.cpu_count(), tcmalloc=tcmalloc)
     return 0
 
 

@@ -211,6 +211,21 @@ class Subject:
     weights_path: str | None = None  # None: random weights of `model.cfg` (the --preset test knob)
 
 
+def write_side_by_side(out: Path, script: str, argv: list[str] | None, rows: list[dict[str, Any]],
+                       loadavg_start: float, **meta: Any) -> None:
+    """Write the results file of a side-by-side script (`scripts/<script>`), as `python -m nerd.readme` reads it:
+    {"meta": the run's conditions (CPU model, torch, 1-minute load at the start, date, the command line) and `meta`,
+    "rows": rows}. `argv` is the script's arguments (None: sys.argv's)."""
+    import datetime
+
+    conditions = {"torch": torch.__version__, "device_name": device_name(torch.device("cpu")),
+                  "loadavg_start": loadavg_start, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                  "command": " ".join([f"python scripts/{script}", *(argv if argv is not None else sys.argv[1:])])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": {**meta, **conditions}, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model from /proc/cpuinfo."""
     if device.type == "cuda":
