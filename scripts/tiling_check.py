@@ -13,7 +13,6 @@ auto` decides with). Writes results/bench/tiling.json, which `python -m nerd.rea
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -108,14 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"(estimate {r['estimate_mib']:.0f})", flush=True)
     import torch
 
-    from nerd.bench import device_name
-    meta = {"repeats": 1, "torch": torch.__version__, "device_name": device_name(torch.device("cpu")),
-            "threads": torch.get_num_threads(), "cores": os.cpu_count(), "sigma": args.sigma,
-            "loadavg_start": load, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "command": " ".join(["python scripts/tiling_check.py", *(argv if argv is not None else sys.argv[1:])])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+    from nerd.bench import write_side_by_side
+    write_side_by_side(args.out, "tiling_check.py", argv, rows, load, repeats=1, threads=torch.get_num_threads(),
+                       cores=os.cpu_count(), sigma=args.sigma)
     return 0
 
 

@@ -118,3 +118,21 @@ def test_a_stages_step_0_validation_is_its_start_not_its_result(tmp_path, monkey
     summary = json.loads(readme.collect_run(run).read_text())
     assert summary["init_val_psnr"] == 27.5 and summary["best_val_psnr"] == 27.4  # the init is not the best
     assert [r["step"] for r in summary["validation"]] == [50, 100]
+
+
+def test_a_side_by_side_file_written_by_the_scripts_helper_renders(tmp_path, monkeypatch):
+    """scripts/tiling_check.py (and the A/B scripts) write through nerd.bench.write_side_by_side; the README's
+    table reads that file back: command, conditions, one row a case."""
+    from nerd.bench import write_side_by_side
+
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    row = {"image": "Set12/01.png", "width": 256, "height": 256, "tile": 128, "tile_shape": [107, 107], "tiles": 9,
+           "nfe": 17, "converged_tiles": 6, "seconds": 23.9, "speed": 0.5, "peak_mib": 237.0, "estimate_mib": 413.0,
+           "psnr": 29.62, "delta_psnr": 0.04, "ssim": 0.85, "weights": "e85b277b705a"}
+    assert "not measured yet" in readme.tiling_table()
+    write_side_by_side(tmp_path / "bench" / "tiling.json", "tiling_check.py", ["--tiles", "128"], [row], 0.5,
+                       repeats=1, threads=2, cores=2, sigma=25.0)
+    table = readme.tiling_table()
+    assert table.startswith("`python scripts/tiling_check.py --tiles 128` (")
+    assert "one process each" in table and "σ 25, weights e85b277b705a" in table
+    assert "| Set12/01.png (256×256) | --tile 128: 9 tiles of 107×107 | 17 | 6/9 | 23.9 | 2.00× | 237 | 413 |" in table

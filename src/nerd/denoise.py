@@ -4,7 +4,7 @@ Scales: images are float on [0, 1] (8-bit pixel / 255, 16-bit pixel / 65535); si
 0-255 scale, whatever the file's bit depth (sigma 25 means a standard deviation of 25/255 on [0, 1]).
 By default the whole image goes through the model at once: the neighbourhood attention is exact and blocked, so its
 memory does not grow with (H W)^2, but the f-evaluation's feature maps and the solver's history grow linearly with
-H W (about 11 KB a pixel with the shipped weights). Images too large for memory go in overlapping tiles
+H W (about 12 KB a pixel with the shipped weights). Images too large for memory go in overlapping tiles
 (`tile=`, chosen by `nerd.tiling.choose_tile` in the CLI).
 """
 

@@ -449,7 +449,7 @@ def malloc_ab_table() -> str:
                      lambda r: f"| {r['set']} {r['image']} | {r['variant']} | {r['solver_s']:.1f} "
                                f"| {r['speedup_solver']:.2f}× | {r['wall_s']:.1f} | {r['sys_s']:.1f} "
                                f"| {r['maxrss_mib']:.0f} | {r['psnr']:.2f} |",
-                     left=2, note=note)
+                     left=2, note=note, single="process")
 
 
 def tiling_table() -> str:
@@ -461,8 +461,10 @@ def tiling_table() -> str:
 
     def row(r: dict) -> str:
         solve = "whole image"
-        if r["tile"]:
+        if r["tile"] and r["tile_shape"]:
             solve = f"--tile {r['tile']}: {r['tiles']} tiles of {r['tile_shape'][1]}×{r['tile_shape'][0]}"
+        elif r["tile"]:
+            solve = f"--tile {r['tile']}: one tile (the whole image)"
         return (f"| {r['image']} ({r['width']}×{r['height']}) | {solve} | {r['nfe']} "
                 f"| {r['converged_tiles']}/{r['tiles']} | {r['seconds']:.1f} | {1 / r['speed']:.2f}× "
                 f"| {r['peak_mib']:.0f} | {r['estimate_mib']:.0f} | {r['psnr']:.3f} | {r['delta_psnr']:+.3f} "

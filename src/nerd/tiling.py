@@ -3,8 +3,8 @@
 A whole-image NERD solve holds, per pixel, the f-evaluation's intermediates (about 28 feature maps of the model's
 width: the 4x expansion of the transformation block, the attention's q, k, v and output, the GroupNorms) plus the
 solver's history (Broyden keeps 2 state-sized vectors per secant pair, up to `memory` pairs). With the shipped
-48-channel weights and 16 pairs that is about 11 KB a pixel: 9 GB for a 1024x768 Urban100 image, over 100 GB for a
-12-megapixel photo. Tiles bound it: each tile is solved on its own and the tiles are blended with linear ramps
+48-channel weights and 16 pairs that is about 12 KB a pixel: 8 GB for a 1024x644 Urban100 image, over 100 GB
+for a 12-megapixel photo. Tiles bound it: each tile is solved on its own and the tiles are blended with linear ramps
 where they overlap. The price: GroupNorm's statistics and the attention see one tile, not the whole image, so the
 result differs slightly from a whole-image solve (measured in the README, *Large images: tiles*).
 """
@@ -23,7 +23,7 @@ import torch
 MAPS_PER_PIXEL = 28.0  # f-evaluation intermediates and the solver's few current vectors
 # Measured peaks per pixel run higher on large images and on tiles solved one after the other (the heap keeps
 # some fragments from tile to tile): without this factor the estimate was 5 % above the peak of a whole 256x256
-# image, 8 % below a whole 1024x681 one and 15 % below 363x357 tiles of it. The README's *Large images: tiles*
+# image, 8 % below a whole 1024x644 one and 15 % below 363x338 tiles of it. The README's *Large images: tiles*
 # sets each estimate beside the measured peak.
 SAFETY = 1.25
 FIXED_BYTES = 256 * 2**20

@@ -21,7 +21,7 @@ scales: 8-bit pixels are read as pixel/255, 16-bit as pixel/65535; --sigma is al
 (a 16-bit image with noise std 6425 of 65535 has --sigma 25). Output keeps the input's size and bit depth;
 its format follows the -o suffix (.png, .tif, .jpg, .bmp; 16-bit needs .png or .tif).
 several inputs or a folder: -o is a folder (created if its parent exists), outputs keep the input names.
-large images: a whole-image solve needs about 11 KB a pixel with the shipped weights (9 GB for 1 megapixel);
+large images: a whole-image solve needs about 12 KB a pixel with the shipped weights (8 GB for 1024x644);
 with --tile auto an image that would not fit is solved in tiles (said in its report line), whose result
 differs slightly from a whole-image solve (see the README, "Large images: tiles").
 exit status 2 on bad input, with one line on stderr and no output written.
