@@ -6,7 +6,7 @@ Each (image, tile) is one process (the `nerd` command's allocator setting, the s
 17-iteration Broyden solver, protocol noise as in `nerd eval`), so that its peak resident size (`os.wait4`) is its
 own. Reports PSNR and SSIM against the clean image, the difference from the whole-image solve, the solver's
 seconds and the peak memory of the solve (the peak resident size above the process's size before it, which is
-what the memory available has to hold), beside `nerd.tiling.peak_bytes`' estimate (what `nerd denoise --tile
+what the memory available has to hold), beside `nerd.tiling.solve_bytes`' estimate (what `nerd denoise --tile
 auto` decides with). Writes results/bench/tiling.json, which `python -m nerd.readme` renders into the README.
 """
 
@@ -35,7 +35,7 @@ def one(path: str, tile: int, sigma: float) -> dict[str, Any]:
     from nerd.denoise import denoise_image
     from nerd.io import load_gray
     from nerd.metrics import psnr, ssim
-    from nerd.tiling import history_pairs, peak_bytes
+    from nerd.tiling import fit_memory, history_maps, solve_bytes
     from nerd.weights import load_weights
 
     model, info = load_weights(f"nerd-s{sigma:g}")
@@ -49,8 +49,9 @@ def one(path: str, tile: int, sigma: float) -> dict[str, Any]:
     return {"psnr": psnr(x_hat.astype(np.float64), x), "ssim": ssim(x_hat.astype(np.float64), x),
             "seconds": s["seconds"], "tiles": s["tiles"], "nfe": s["nfe"], "converged_tiles": s["tiles"] -
             s["unconverged_tiles"], "height": x.shape[0], "width": x.shape[1], "weights": info["sha256"][:12],
-            "tile_shape": s["tile_shape"], "channels": model.cfg.channels, "pairs": history_pairs(model.solver),
-            "estimate_mib": peak_bytes(shape[0] * shape[1], model.cfg.channels, history_pairs(model.solver)) / 2**20,
+            "tile_shape": s["tile_shape"], "channels": model.cfg.channels,
+            "history_maps": history_maps(fit_memory(model.solver, model.cfg.channels * shape[0] * shape[1])),
+            "estimate_mib": solve_bytes(shape[0] * shape[1], model.cfg.channels, model.solver) / 2**20,
             "peak_mib": peak / 2**20, "malloc": allocator.status}
 
 

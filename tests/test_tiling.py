@@ -20,7 +20,7 @@ from nerd.denoise import denoise_image
 from nerd.deq.solvers import SolverStats
 from nerd.models import create_model
 from nerd.models.nerd import Equilibrium
-from nerd.tiling import OVERLAP, choose_tile, history_pairs, peak_bytes, tile_starts, tiles
+from nerd.tiling import OVERLAP, choose_tile, fit_memory, history_maps, peak_bytes, solve_bytes, tile_starts, tiles
 from nerd.weights import save_weights
 
 
@@ -43,7 +43,7 @@ def test_blend_weights_are_positive_and_full_inside():
     for rows, cols, w in tiles(97, 131, 48, 16):
         assert w.shape == covered[rows, cols].shape and w.min() > 0 and w.max() == 1
         covered[rows, cols] += w
-    assert covered.min() >= 1 - 1e-6  # every pixel has at least one tile at full weight
+    assert covered.min() >= 1 - 1e-6  # the blend's denominator is never small
 
 
 class Pointwise(torch.nn.Module):
@@ -101,7 +101,7 @@ def test_a_tile_that_covers_the_image_is_the_whole_image_solve():
 
 @pytest.mark.slow
 def test_shipped_weights_tiled_within_a_tenth_of_a_db(data_root):
-    """nerd-s25 on a 128x160 crop of Set12 image 05, tiles of 80 (4 tiles): PSNR within 0.1 dB of the whole solve."""
+    """nerd-s25 on a 128x160 crop of Set12 image 05, tiles of at most 80 (6): PSNR within 0.1 dB of the whole solve."""
     from nerd.io import read_image
     from nerd.metrics import psnr
     from nerd.weights import load_weights
@@ -119,17 +119,36 @@ def test_shipped_weights_tiled_within_a_tenth_of_a_db(data_root):
 
 
 def test_choose_tile_fits_the_budget():
-    gib = 2**30
-    assert choose_tile(256, 256, 48, 16, 16 * gib) is None  # fits: whole image
-    assert choose_tile(4000, 3000, 48, 16, None) is None  # memory unknown: whole image
-    side = choose_tile(4000, 3000, 48, 16, 8 * gib)
-    budget = nerd.tiling.USABLE * 8 * gib
-    assert side % nerd.tiling.TILE_STEP == 0
-    assert peak_bytes(side**2, 48, 16) <= budget < peak_bytes((side + nerd.tiling.TILE_STEP) ** 2, 48, 16)
-    assert choose_tile(4000, 3000, 48, 16, gib // 4) == nerd.tiling.MIN_TILE  # nothing fits: the smallest tile
-    assert history_pairs(SolverConfig(name="broyden", memory=30, max_iter=17)) == 16
-    assert history_pairs(SolverConfig(name="anderson", memory=5, max_iter=17)) == 5
-    assert history_pairs(SolverConfig(name="fixed_point", memory=30, max_iter=17)) == 0
+    gib, step = 2**30, nerd.tiling.TILE_STEP
+    solver = SolverConfig(name="broyden", memory=30, max_iter=17)
+    assert choose_tile(256, 256, 48, solver, 16 * gib).tile is None  # fits: whole image
+    plan = choose_tile(4000, 3000, 48, solver, None)
+    assert plan.tile is None and plan.fits  # memory unknown: whole image
+    plan = choose_tile(4000, 3000, 48, solver, 8 * gib)
+    image = nerd.tiling.IMAGE_BYTES_PER_PIXEL * 4000 * 3000  # the whole image's buffers come on top of a tile's
+    assert plan.tile % step == 0 and plan.fits and plan.budget == int(nerd.tiling.USABLE * 8 * gib)
+    assert solve_bytes(plan.tile**2, 48, solver) + image <= plan.budget
+    assert solve_bytes((plan.tile + step) ** 2, 48, solver) + image > plan.budget
+    plan = choose_tile(4000, 3000, 48, solver, gib // 4)  # nothing fits: the smallest tile, and it says so
+    assert plan.tile == nerd.tiling.MIN_TILE and not plan.fits
+    plan = choose_tile(100, 120, 48, solver, 2**20)  # no larger than the smallest tile: whole, and it says so
+    assert plan.tile is None and not plan.fits
+    # A long thin image is costed by its tiles' real area (40 x side), not side^2: tiles of about the same area fit.
+    square, thin = choose_tile(4000, 3000, 48, solver, 8 * gib).tile, choose_tile(40, 200_000, 48, solver, 8 * gib).tile
+    assert 40 * thin > 0.9 * square**2
+
+
+def test_history_and_its_cap():
+    broyden = SolverConfig(name="broyden", memory=30, max_iter=17)
+    assert history_maps(broyden) == 32  # 16 secant pairs: no more than max_iter - 1
+    assert history_maps(SolverConfig(name="anderson", memory=5, max_iter=17)) == 25
+    assert history_maps(SolverConfig(name="fixed_point", memory=30, max_iter=17)) == 0
+    numel = 64 * 2000 * 2000  # one state is 1 GB: the 4 GiB budget holds 2 pairs
+    assert fit_memory(broyden, numel).memory == 2
+    assert history_maps(fit_memory(broyden, numel)) * 4 * numel <= nerd.tiling.STATE_BUDGET
+    assert fit_memory(broyden, 1000) is broyden
+    # A 12-megapixel photo: the cap keeps its estimate near 70 GB rather than 160.
+    assert 60 * 10**9 < solve_bytes(4000 * 3000, 48, broyden) < peak_bytes(4000 * 3000, 48, 32)
 
 
 PROBE = """
@@ -139,12 +158,12 @@ from pathlib import Path
 from nerd import allocator
 from nerd.denoise import denoise_image
 from nerd.models import create_model
-from nerd.tiling import history_pairs, peak_bytes
+from nerd.tiling import solve_bytes
 allocator.tune()
 torch.set_num_threads(2)
 torch.manual_seed(0)
 model = create_model("xs")
-solver = replace(model.solver, max_iter=4)
+solver = replace(model.solver, name=sys.argv[1], max_iter=4, memory=5)
 rng = np.random.RandomState(0)
 denoise_image(model, rng.rand(48, 48).astype(np.float32), 25, solver=solver, device="cpu")
 allocator.release()
@@ -153,14 +172,16 @@ def status(key):
 Path("/proc/self/clear_refs").write_text("5")
 base = status("VmRSS")
 denoise_image(model, rng.rand(512, 384).astype(np.float32), 25, solver=solver, device="cpu")
-print(json.dumps({"peak": status("VmHWM") - base, "estimate": peak_bytes(512 * 384, 32, history_pairs(solver))}))
+print(json.dumps({"peak": status("VmHWM") - base, "estimate": solve_bytes(512 * 384, 32, solver)}))
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure the peak")
-def test_memory_estimate_bounds_the_measured_peak():
+@pytest.mark.parametrize("solver", ["broyden", "anderson"])
+def test_memory_estimate_bounds_the_measured_peak(solver):
     """The estimate that decides tiling is above the measured peak of a whole-image solve, and not wildly above."""
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", PROBE, solver], capture_output=True, text=True, check=True,
+                         timeout=300)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["peak"] <= got["estimate"] <= 3 * got["peak"], got
 
@@ -178,7 +199,8 @@ def test_cli_tiles_when_the_image_does_not_fit(capsys, tmp_path, weights, monkey
     Image.fromarray(img).save(tmp_path / "big.png")
     args = ["denoise", str(tmp_path / "big.png"), "-o", str(tmp_path / "o.png"), "--weights", str(weights),
             "--iters", "2"]
-    fits_128 = peak_bytes(128 * 128, 8, 1) / nerd.tiling.USABLE  # memory for a 128^2 tile and no more
+    image = nerd.tiling.IMAGE_BYTES_PER_PIXEL * 150 * 170
+    fits_128 = (solve_bytes(128 * 128, 8, SolverConfig(max_iter=2)) + image) / nerd.tiling.USABLE  # and no more
     monkeypatch.setattr(nerd.tiling, "available_bytes", lambda device: fits_128)
     assert main(args) == 0
     out = capsys.readouterr().out

@@ -50,24 +50,6 @@ def estimate_sigma255(y: np.ndarray) -> float:
     return float(estimate_sigma(np.asarray(y, dtype=np.float64), channel_axis=None)) * 255.0
 
 
-# Bytes allowed for the solver's history (Broyden's u/v pairs, Anderson's past iterates) on large images.
-STATE_BUDGET = 4 * 2**30
-
-
-def fit_memory(solver: Any, numel: int, budget: int = STATE_BUDGET) -> Any:
-    """`solver` with its history shortened so that 2 * memory * numel float32 values fit in `budget` bytes.
-
-    Broyden and Anderson keep `memory` pairs of state-sized vectors; on a 2000 x 2000 image with 64 channels one
-    state is 1 GB, so the history, not the attention, is what bounds the image size. Fixed-point keeps none.
-    """
-    from dataclasses import replace
-
-    if solver.name == "fixed_point":
-        return solver
-    m = max(1, min(solver.memory, budget // (2 * 4 * max(1, numel))))
-    return replace(solver, memory=m) if m < solver.memory else solver
-
-
 def denoise_image(
     model: Any,
     y: np.ndarray,
@@ -89,25 +71,26 @@ def denoise_image(
         device: "cpu", "cuda", ...; default: CUDA when available.
         tile: None (default) solves the whole image at once; a side length solves tiles of at most that size
             (the smallest that cover the image with the overlap), blended where they overlap, to bound memory
-            (`nerd.tiling.choose_tile` picks one from the memory available). A tile that covers the image is
-            the whole-image solve.
-        overlap: pixels shared by neighbouring tiles (default `nerd.tiling.OVERLAP`); must be < tile.
+            (the CLI's `--tile auto` picks one from the memory available with `nerd.tiling.choose_tile`; here it
+            is only what is asked). A tile that covers the image is the whole-image solve.
+        overlap: pixels shared by neighbouring tiles (default `nerd.tiling.OVERLAP`); tile must be >= 2 x overlap.
         progress: a progress bar over the tiles (stderr).
 
     Returns:
         (x_hat, summary): x_hat float32 (H, W) clipped to [0, 1]; summary dict with height, width, nfe
         (f-evaluations = iterations; the most of any tile), rel_residual and abs_residual (the largest of any tile),
-        converged (every tile), tiles (1 for a whole-image solve), tile (the side asked for, or None), tile_shape
+        converged (every tile), tiles (1 for a whole-image solve), tile (the side asked for; None for a whole-image
+        solve, also when the tile asked for covers the image), tile_shape
         ((h, w) of the tiles, or None), overlap, unconverged_tiles, tol, memory, seconds, device.
 
     Raises:
-        ValueError: y is not a finite 2-D array, sigma255 is out of range, or tile <= overlap.
+        ValueError: y is not a finite 2-D array, sigma255 is out of range, or tile < 2 x overlap.
         DenoiseError: the output has non-finite values.
     """
     import torch
 
     from nerd import allocator
-    from nerd.tiling import OVERLAP, tiles
+    from nerd.tiling import OVERLAP, fit_memory, tiles
 
     y = np.ascontiguousarray(y, dtype=np.float32)
     if y.ndim != 2 or y.size == 0:
@@ -118,8 +101,8 @@ def denoise_image(
     overlap = OVERLAP if overlap is None else int(overlap)
     if tile is not None and max(y.shape) <= tile:
         tile = None  # one tile covers the image: the whole-image solve
-    if tile is not None and (tile <= overlap or overlap < 0):
-        raise ValueError(f"tile must be larger than the overlap ({overlap}) and the overlap >= 0, got tile {tile}")
+    if tile is not None and (tile < 2 * overlap or tile < 2 or overlap < 0):
+        raise ValueError(f"tile must be at least twice the overlap ({overlap}, >= 0), got tile {tile}")
     pieces = tiles(*y.shape, tile, overlap) if tile is not None else [(slice(None), slice(None), None)]
     largest = max(p[2].numel() for p in pieces) if tile is not None else y.size
     solver = fit_memory(solver or model.solver, model.cfg.channels * largest)
@@ -133,21 +116,20 @@ def denoise_image(
             y_t = torch.from_numpy(y).to(dev)
             acc = torch.zeros_like(y_t) if tile is not None else None
             norm = torch.zeros_like(y_t) if tile is not None else None
-            bar = _bar(len(pieces), progress)
-            for rows, cols, weight in pieces:
-                eq = model.equilibrium(y_t[rows, cols][None, None], sigma / 255.0, solver=solver)
-                x = eq.x_hat[0, 0].float()
-                stats.append(eq.stats)
-                if acc is None:
-                    acc = x
-                else:
-                    w = weight.to(dev)
-                    acc[rows, cols] += w * x
-                    norm[rows, cols] += w
-                    del eq, x
-                    allocator.release()  # else each tile's solve fragments the heap further (peak +20 %)
-                bar.update()
-            bar.close()
+            with _bar(len(pieces), progress) as bar:
+                for rows, cols, weight in pieces:
+                    eq = model.equilibrium(y_t[rows, cols][None, None], sigma / 255.0, solver=solver)
+                    x = eq.x_hat[0, 0].float()
+                    stats.append(eq.stats)
+                    if acc is None:
+                        acc = x
+                    else:
+                        w = weight.to(dev)
+                        acc[rows, cols] += w * x
+                        norm[rows, cols] += w
+                        del eq, x
+                        allocator.release()  # else each tile's solve fragments the heap further (peak +20 %)
+                    bar.update()
             x = acc if norm is None else acc / norm
             finite = bool(torch.isfinite(x).all())
             x_hat = x.clamp(0.0, 1.0).cpu().numpy()

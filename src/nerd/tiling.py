@@ -3,17 +3,20 @@
 A whole-image NERD solve holds, per pixel, the f-evaluation's intermediates (about 28 feature maps of the model's
 width: the 4x expansion of the transformation block, the attention's q, k, v and output, the GroupNorms) plus the
 solver's history (Broyden keeps 2 state-sized vectors per secant pair, up to `memory` pairs). With the shipped
-48-channel weights and 16 pairs that is about 12 KB a pixel: 8 GB for a 1024x644 Urban100 image, over 100 GB
-for a 12-megapixel photo. Tiles bound it: each tile is solved on its own and the tiles are blended with linear ramps
-where they overlap. The price: GroupNorm's statistics and the attention see one tile, not the whole image, so the
-result differs slightly from a whole-image solve (measured in the README, *Large images: tiles*).
+48-channel weights and 16 pairs that is about 12 KB a pixel: 8 GB for a 1024x644 Urban100 image, about 70 GB for a
+12-megapixel photo even with the history capped (`fit_memory`). Tiles bound it: each tile is solved on its own and
+the tiles are blended with linear ramps where they overlap. The price: GroupNorm's statistics and the attention see
+one tile, not the whole image, so the result differs slightly from a whole-image solve (measured in the README,
+*Large images: tiles*).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,57 +33,144 @@ FIXED_BYTES = 256 * 2**20
 USABLE = 0.85  # of the memory available when the image starts
 MIN_TILE = 128
 TILE_STEP = 32
-OVERLAP = 32  # twice the shipped attention radius (q 33): a pixel near a seam sees its whole window in one tile
+# Twice the shipped attention radius (q 33). The equilibrium's receptive field is wider than one window, so tiles
+# still differ near their borders; the linear ramps blend that difference away across the overlap.
+OVERLAP = 32
 
 
-def peak_bytes(pixels: int, channels: int, pairs: int) -> int:
-    """Estimated peak memory of a solve over `pixels` pixels with `channels` features and `pairs` secant pairs."""
-    per_pixel = 4 * channels * (MAPS_PER_PIXEL + 2 * pairs)
+# Bytes allowed for the solver's history on large images (see `fit_memory`).
+STATE_BUDGET = 4 * 2**30
+# Whole-image float32 buffers of a tiled solve besides the tiles' own: the input, the blend's sum and weights,
+# their quotient, the clamped output and its numpy copy.
+IMAGE_BYTES_PER_PIXEL = 24
+
+
+def history_maps(solver: Any, memory: int | None = None) -> int:
+    """State-sized float32 vectors the history of `solver` (a SolverConfig) holds at its peak, with `memory` in
+    place of `solver.memory` when given: Broyden 2 per secant pair (at most max_iter - 1 pairs), Anderson 5 per
+    stored iterate (the iterates, their f-values, the residuals and their float64 copy), fixed-point none."""
+    m = max(1, int(solver.memory if memory is None else memory))
+    if solver.name == "fixed_point":
+        return 0
+    if solver.name == "anderson":
+        return 5 * m
+    return 2 * min(m, max(1, int(solver.max_iter) - 1))
+
+
+def fit_memory(solver: Any, numel: int, budget: int = STATE_BUDGET) -> Any:
+    """`solver` with its history shortened so that it holds at most `budget` bytes for a state of `numel` floats.
+
+    On a 2000 x 2000 image with 64 channels one state is 1 GB, so the history, not the attention, is what bounds
+    the image size first. Fixed-point keeps none.
+    """
+    if solver.name == "fixed_point":
+        return solver
+    per_unit = history_maps(solver, 1) * 4 * max(1, numel)
+    m = max(1, min(solver.memory, budget // per_unit))
+    return replace(solver, memory=m) if m < solver.memory else solver
+
+
+def peak_bytes(pixels: int, channels: int, maps: int) -> int:
+    """Estimated peak memory of a solve over `pixels` pixels with `channels` features whose solver history holds
+    `maps` state-sized vectors (`history_maps`)."""
+    per_pixel = 4 * channels * (MAPS_PER_PIXEL + maps)
     return int(SAFETY * per_pixel * pixels) + FIXED_BYTES
 
 
+def solve_bytes(pixels: int, channels: int, solver: Any) -> int:
+    """`peak_bytes` of a solve as `nerd.denoise.denoise_image` runs it (its history shortened by `fit_memory`)."""
+    return peak_bytes(pixels, channels, history_maps(fit_memory(solver, channels * pixels)))
+
+
+def _cgroup_free() -> int | None:
+    """Memory this process's cgroup (a container's limit) still allows, not counting reclaimable file cache;
+    None without a limit."""
+    root = Path("/sys/fs/cgroup")
+    for limit_file, usage_file, stat_file, cache_key in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),  # cgroup v2
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+         "total_inactive_file"),  # cgroup v1
+    ):
+        try:
+            limit_text = (root / limit_file).read_text().strip()
+            if limit_text == "max" or int(limit_text) >= 2**60:
+                return None  # no limit
+            usage = int((root / usage_file).read_text())
+            cache = 0
+            for line in (root / stat_file).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == cache_key:
+                    cache = int(value)
+            return max(0, int(limit_text) - usage + cache)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def available_bytes(device: torch.device) -> int | None:
-    """Memory free for a new solve: MemAvailable on Linux, the GPU's free plus cached memory on CUDA; None when
-    unknown (then nothing is tiled unless asked)."""
+    """Memory free for a new solve: on the CPU, MemAvailable (Linux), or less when a container's cgroup limit leaves
+    less; on CUDA the GPU's free memory plus what PyTorch caches. None when unknown (then nothing is tiled unless
+    asked)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    found = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+                found = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
         pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
+    if found is None:
+        try:
+            found = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    limit = _cgroup_free()
+    return found if limit is None else min(found, limit)
 
 
-def history_pairs(solver: object) -> int:
-    """Secant pairs (Broyden) or past iterates (Anderson) a solve of `solver` (a SolverConfig) holds at most."""
-    name, memory = getattr(solver, "name", ""), max(1, int(solver.memory))  # type: ignore[attr-defined]
-    if name == "fixed_point":
-        return 0
-    if name == "anderson":  # a ring of `memory` past iterates and their f-values
-        return memory
-    return min(memory, max(1, int(solver.max_iter) - 1))  # type: ignore[attr-defined]
+@dataclass(frozen=True)
+class TilePlan:
+    """What `choose_tile` decided for one image: `tile` (None: the whole image), the estimated peak of the whole
+    solve and of the tiled one, and the budget they were held against (bytes; None when memory is unknown)."""
+
+    tile: int | None
+    whole_bytes: int
+    tile_bytes: int | None
+    budget: int | None
+
+    @property
+    def fits(self) -> bool:
+        """Whether the chosen solve's estimate is within the budget (True when the budget is unknown)."""
+        need = self.whole_bytes if self.tile is None else self.tile_bytes
+        return self.budget is None or need <= self.budget  # type: ignore[operator]
 
 
-def choose_tile(height: int, width: int, channels: int, pairs: int, available: int | None) -> int | None:
-    """Side of the square tiles to use, or None for the whole image (it fits in USABLE x `available`).
+def choose_tile(height: int, width: int, channels: int, solver: Any, available: int | None) -> TilePlan:
+    """Tiles for a height x width image, or the whole image when it fits in USABLE x `available` bytes.
 
-    The largest multiple of TILE_STEP (at least MIN_TILE) whose tile fits; MIN_TILE when none does.
+    The tile side is the largest multiple of TILE_STEP (at least MIN_TILE) whose tiles fit beside the image's own
+    buffers; MIN_TILE when none does (the plan then does not `fit`), and the whole image when such a tile would
+    cover it anyway.
     """
+    whole = solve_bytes(height * width, channels, solver)
     if available is None:
-        return None
-    budget = USABLE * available
-    if peak_bytes(height * width, channels, pairs) <= budget:
-        return None
+        return TilePlan(None, whole, None, None)
+    budget = int(USABLE * available)
+    if whole <= budget:
+        return TilePlan(None, whole, None, budget)
+
+    def need(side: int) -> int:  # a tile's solve (tiles are at most side x side) and the image's buffers
+        tile_pixels = min(height, side) * min(width, side)
+        return solve_bytes(tile_pixels, channels, solver) + IMAGE_BYTES_PER_PIXEL * height * width
+
     side = MIN_TILE
-    while side + TILE_STEP < max(height, width) and peak_bytes((side + TILE_STEP) ** 2, channels, pairs) <= budget:
+    while side + TILE_STEP < max(height, width) and need(side + TILE_STEP) <= budget:
         side += TILE_STEP
-    return side
+    if side >= max(height, width):
+        return TilePlan(None, whole, None, budget)
+    return TilePlan(side, whole, need(side), budget)
 
 
 def tile_starts(n: int, tile: int, overlap: int) -> tuple[list[int], int]:

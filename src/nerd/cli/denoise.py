@@ -113,38 +113,40 @@ def _parse_sigma(text: str | None) -> float | str | None:
 
 
 def _parse_tile(text: str) -> int | str | None:
-    """--tile: 'auto', None for 'off', or a side length > the tiles' overlap."""
+    """--tile: 'auto', None for 'off', or a side length of at least twice the tiles' overlap."""
     from nerd.cli import UserError
     from nerd.tiling import OVERLAP
 
     if text.lower() in ("auto", "off"):
         return None if text.lower() == "off" else "auto"
     side = _number(text, "--tile", int, 1)
-    if side <= OVERLAP:
-        raise UserError(f"--tile must be larger than the tiles' overlap ({OVERLAP} pixels), got {text!r}")
+    if side < 2 * OVERLAP:
+        raise UserError(f"--tile must be at least {2 * OVERLAP} (twice the tiles' overlap), got {text!r}")
     return side
 
 
-def _tile_for(y_shape: tuple[int, int], choice: int | str | None, model: Any, solver: Any, device: str) -> tuple[
+def _tile_for(shape: tuple[int, int], choice: int | str | None, model: Any, solver: Any, device: str) -> tuple[
     int | None, str
 ]:
-    """The tile side for one image (None: whole) and, when --tile auto chose tiles, the line that says why."""
+    """The tile side for one image (None: whole) and, when --tile auto had something to say, the line saying it."""
     import torch
 
-    from nerd.tiling import available_bytes, choose_tile, history_pairs, peak_bytes
+    from nerd.tiling import available_bytes, choose_tile
 
     if choice != "auto":
         return choice, ""  # type: ignore[return-value]
-    channels, pairs = model.cfg.channels, history_pairs(solver)
     available = available_bytes(torch.device(device))
-    side = choose_tile(*y_shape, channels, pairs, available)
-    if side is None:
-        return None, ""
-    need = peak_bytes(y_shape[0] * y_shape[1], channels, pairs) / 2**30
-    return side, (
-        f"the whole image needs about {need:.1f} GiB and {available / 2**30:.1f} GiB is available: "  # type: ignore[operator]
-        f"solving it in tiles of at most {side}x{side} (--tile off to force the whole image)"
-    )
+    plan = choose_tile(*shape, model.cfg.channels, solver, available)
+    if plan.budget is None or (plan.tile is None and plan.fits):
+        return plan.tile, ""
+    gib = 2**30
+    why = f"the whole image needs about {plan.whole_bytes / gib:.1f} GiB and {available / gib:.1f} GiB is available"  # type: ignore[operator]
+    if plan.tile is None:
+        return None, f"{why}: it may not fit (it is no larger than the smallest tile)"
+    line = f"{why}: solving it in tiles of at most {plan.tile}x{plan.tile} (--tile off to force the whole image)"
+    if not plan.fits:
+        line += f"; even these need about {plan.tile_bytes / gib:.1f} GiB and may not fit"  # type: ignore[operator]
+    return plan.tile, line
 
 
 def _inputs(args: argparse.Namespace) -> tuple[list[Path], bool]:
@@ -362,8 +364,11 @@ def run(args: argparse.Namespace) -> int:
         allocator.release()  # freed memory back to the kernel between images
         say(f"{job.src.name}: {describe(summary)} -> {job.dst}")
         if not summary["converged"] and args.quiet:
+            tiled = summary["tiles"] > 1
+            where = f" in {summary['unconverged_tiles']} of {summary['tiles']} tiles" if tiled else ""
             print(
-                f"warning: {job.src.name}: solver NOT converged (rel residual {summary['rel_residual']:.1e})",
+                f"warning: {job.src.name}: solver NOT converged{where} "
+                f"({'largest ' if tiled else ''}rel residual {summary['rel_residual']:.1e})",
                 file=sys.stderr,
             )
         if args.sample:
