@@ -31,6 +31,7 @@ def one(path: str, tile: int, sigma: float) -> dict[str, Any]:
     allocator.tune()  # as the `nerd` command does
     import numpy as np
 
+    from nerd.bench import _proc_status_bytes
     from nerd.data.noise import protocol_noisy
     from nerd.denoise import denoise_image
     from nerd.io import load_gray
@@ -42,9 +43,9 @@ def one(path: str, tile: int, sigma: float) -> dict[str, Any]:
     x = load_gray(path).astype(np.float64)
     y = protocol_noisy(x, sigma).astype(np.float32)
     Path("/proc/self/clear_refs").write_text("5")  # the peak counts from here (Linux)
-    base = _status_bytes("VmRSS")
+    base = _proc_status_bytes("VmRSS")
     x_hat, s = denoise_image(model, y, sigma, device="cpu", tile=tile or None)
-    peak = _status_bytes("VmHWM") - base
+    peak = _proc_status_bytes("VmHWM") - base
     shape = s["tile_shape"] or x.shape
     return {"psnr": psnr(x_hat.astype(np.float64), x), "ssim": ssim(x_hat.astype(np.float64), x),
             "seconds": s["seconds"], "tiles": s["tiles"], "nfe": s["nfe"], "converged_tiles": s["tiles"] -
@@ -53,10 +54,6 @@ def one(path: str, tile: int, sigma: float) -> dict[str, Any]:
             "history_maps": history_maps(fit_memory(model.solver, model.cfg.channels * shape[0] * shape[1])),
             "estimate_mib": solve_bytes(shape[0] * shape[1], model.cfg.channels, model.solver) / 2**20,
             "peak_mib": peak / 2**20, "malloc": allocator.status}
-
-
-def _status_bytes(key: str) -> int:
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 
 
 def run_child(path: Path, tile: int, sigma: float) -> dict[str, Any]:

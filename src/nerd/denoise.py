@@ -104,8 +104,8 @@ def denoise_image(
     if tile is not None and (tile < 2 * overlap or tile < 2 or overlap < 0):
         raise ValueError(f"tile must be at least twice the overlap ({overlap}, >= 0), got tile {tile}")
     pieces = tiles(*y.shape, tile, overlap) if tile is not None else [(slice(None), slice(None), None)]
-    largest = max(p[2].numel() for p in pieces) if tile is not None else y.size
-    solver = fit_memory(solver or model.solver, model.cfg.channels * largest)
+    per_solve = pieces[0][2].numel() if tile is not None else y.size  # all tiles have one shape
+    solver = fit_memory(solver or model.solver, model.cfg.channels * per_solve)
     dev = torch.device(device or default_device())
     was_training = model.training
     model.to(dev).eval()
