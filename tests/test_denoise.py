@@ -12,7 +12,7 @@ from PIL import Image
 
 import nerd.weights
 from nerd.cli import main
-from nerd.denoise import DenoiseError, denoise_image
+from nerd.denoise import DenoiseError, denoise_image, describe
 from nerd.models import create_model
 from nerd.weights import save_weights
 
@@ -68,6 +68,14 @@ def test_8bit_png_round_trip(capsys, tmp_path, noisy, weights):
         assert im.mode == "L" and im.size == (W, H)
     line = out.strip()
     assert "a.png: 31x37" in line and "iterations" in line and "rel residual" in line and " s " in line
+
+
+def test_report_line_tells_a_residual_just_above_tolerance_from_it():
+    summary = {"converged": False, "rel_residual": 1.04e-3, "tol": 1e-3, "width": 31, "height": 37, "nfe": 17,
+               "seconds": 1.0, "tiles": 1}
+    assert "rel residual 1.04e-03 > tol 1e-03" in describe(summary)
+    assert "NOT converged" in describe(summary)
+    assert "NOT converged" not in describe({**summary, "converged": True, "rel_residual": 9.9e-4})
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])

@@ -174,7 +174,7 @@ def _bar(total: int, show: bool) -> Any:
 
 
 def describe(summary: dict[str, Any]) -> str:
-    """One line: '256x256, 12 iterations, converged (rel residual 8.1e-04), 1.23 s'; for a tiled solve
+    """One line: '256x256, 12 iterations, converged (rel residual 8.12e-04), 1.23 s'; for a tiled solve
     '4000x3000 in 48 tiles of 518x596 (overlap 32), up to 17 iterations, NOT converged in 3 of 48 tiles (...)'."""
     tiled = summary.get("tiles", 1) > 1
     if summary["converged"]:
@@ -183,7 +183,8 @@ def describe(summary: dict[str, Any]) -> str:
         state = f"NOT converged in {summary['unconverged_tiles']} of {summary['tiles']} tiles"
     else:
         state = "NOT converged"
-    detail = f"{'largest ' if tiled else ''}rel residual {summary['rel_residual']:.1e}"
+    # two decimals: one would print a residual just above the tolerance as equal to it ("1.0e-03 > tol 1e-03")
+    detail = f"{'largest ' if tiled else ''}rel residual {summary['rel_residual']:.2e}"
     if not summary["converged"]:
         detail += f" > tol {summary['tol']:.0e}"
     size = f"{summary['width']}x{summary['height']}"

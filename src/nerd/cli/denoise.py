@@ -368,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
             where = f" in {summary['unconverged_tiles']} of {summary['tiles']} tiles" if tiled else ""
             print(
                 f"warning: {job.src.name}: solver NOT converged{where} "
-                f"({'largest ' if tiled else ''}rel residual {summary['rel_residual']:.1e})",
+                f"({'largest ' if tiled else ''}rel residual {summary['rel_residual']:.2e} > tol {summary['tol']:.0e})",
                 file=sys.stderr,
             )
         if args.sample:
