@@ -130,3 +130,15 @@ def test_bad_input_is_a_user_error(tmp_path, capsys):
     assert main(["bench", "--render", str(tmp_path / "missing.json")]) == 2
     assert main(["bench", "--weights", str(tmp_path / "none.safetensors"), "--sections", "machine"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_partial_run_renders_nested_headings_and_names_unmeasured_targets(tmp_path):
+    meta = {"quick": True, "device_name": "cpu", "device": "cpu", "torch": "x", "threads": 1, "model_name": "tiny",
+            "repeats": 1, "warmup": 0}
+    targets = [{"target": "fast", "met": False, "detail": "slow"}, {"target": "small", "met": None, "detail": ""}]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"meta": meta, "targets": targets}))
+    text = markdown_tables(path, level=4)
+    assert "#### Targets" in text and "\n### " not in "\n" + text
+    assert "| fast | not met | slow |" in text and "| small |" not in text
+    assert "Not measured by this run: small." in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +200,12 @@ def render_section(res: dict[str, Any], name: str) -> str:
                 + f"\nf-evaluations saved {100 * data['saved_fraction']:.1f} %, time saved "
                 f"{100 * data['seconds_saved_fraction']:.1f} %, PSNR lost {data['psnr_lost_db']:+.4f} dB.\n")
     if name == "targets":
-        marks = {True: "met", False: "not met", None: "not measured"}
-        rows = [[t["target"], marks[t["met"]], t["detail"]] for t in data]
-        return "### Targets\n\n" + _table(["target", "status", "numbers"], rows, "lll")
+        # a run of some sections (--sections) leaves targets unmeasured: one line names them instead of rows
+        rows = [[t["target"], "met" if t["met"] else "not met", t["detail"]] for t in data if t["met"] is not None]
+        unmeasured = [t["target"] for t in data if t["met"] is None]
+        table = _table(["target", "status", "numbers"], rows, "lll") if rows else ""
+        rest = f"\nNot measured by this run: {'; '.join(unmeasured)}.\n" if unmeasured else ""
+        return "### Targets\n\n" + table + rest
     raise KeyError(name)
 
 
@@ -214,12 +218,13 @@ def _render_meta(res: dict[str, Any]) -> str:
             f"{m['repeats']} run(s) after {m['warmup']} warm-up.\n")
 
 
-def markdown_tables(json_path: str | os.PathLike[str], link_dir: str | None = None) -> str:
+def markdown_tables(json_path: str | os.PathLike[str], link_dir: str | None = None, level: int = 3) -> str:
     """The README's speed tables (every measured section and the target status) from a bench results JSON.
 
     Args:
         link_dir: where the document that shows the tables finds the JSON's folder (for the solver plot's link);
             None: no link.
+        level: markdown heading level of each section's title (3: `###`; 4 nests them under a `###` section).
     """
     res = json.loads(Path(json_path).read_text())
     parts = [_render_meta(res)]
@@ -231,4 +236,5 @@ def markdown_tables(json_path: str | os.PathLike[str], link_dir: str | None = No
     notes = res.get("notes") or []
     if notes:
         parts.append("Notes:\n\n" + "".join(f"- {n}\n" for n in notes))
-    return "\n".join(p for p in parts if p)
+    text = "\n".join(p for p in parts if p)
+    return re.sub(r"^### ", "#" * level + " ", text, flags=re.M)

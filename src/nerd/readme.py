@@ -404,7 +404,7 @@ def speed_tables() -> str:
     full = [f for f in files if not f.stem.endswith("quick")] or files
     if not full:
         return "_no benchmark results yet_"
-    return "\n\n".join(_optional("nerd.bench_report", "markdown_tables", f, "results/bench") for f in full)
+    return "\n\n".join(_optional("nerd.bench_report", "markdown_tables", f, "results/bench", 4) for f in full)
 
 
 def _ab_table(file: str, script: str, what: str, header: Callable[[dict], list[str]], row: Callable[[dict], str],
@@ -487,7 +487,7 @@ BLOCKS = {
     "malloc-ab": malloc_ab_table,
     "tiling": tiling_table,
     "speed-now": lambda: _optional("nerd.bench_report", "markdown_tables",
-                                   RESULTS / "bench" / "after-malloc" / "bench-cpu.json", "results/bench/after-malloc"),
+                                   RESULTS / "bench" / "after-malloc" / "bench-cpu.json", "results/bench/after-malloc", 4),
     "experiments": lambda: _optional("nerd.experiments", "markdown_summary", RESULTS / "experiments"),
 }
 
