@@ -169,6 +169,12 @@ def test_iters_changes_reported_iterations(capsys, tmp_path, noisy, weights):
         assert f"{n} iterations" in out and "NOT converged" in out
 
 
+def test_output_ending_with_a_slash_is_a_new_folder(capsys, tmp_path, noisy, weights):
+    rc, _, err = cli(capsys, "denoise", noisy, "-o", f"{tmp_path / 'new'}/", "--weights", weights, "--iters", 1)
+    assert rc == 0, err
+    assert (tmp_path / "new" / noisy.name).is_file()
+
+
 def test_output_into_existing_folder_keeps_name(capsys, tmp_path, noisy, weights):
     (tmp_path / "out").mkdir()
     rc, _, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "out", "--weights", weights, "--iters", 1)
@@ -197,6 +203,7 @@ def _bad_inputs(tmp: Path, noisy: Path, weights: Path) -> dict[str, tuple[list[o
     header[10:30] = b"\xff" * 20
     (bad / "header.safetensors").write_bytes(bytes(header))
     (bad / "afile").write_text("x")
+    (bad / "sub" / noisy.name).mkdir(parents=True)  # a folder where the output file would go
     out = tmp / "out"
     w = ["--weights", weights]
     return {
@@ -239,6 +246,11 @@ def _bad_inputs(tmp: Path, noisy: Path, weights: Path) -> dict[str, tuple[list[o
         "tol negative": ([noisy, "-o", out / "o.png", *w, "--tol", "-1"], "--tol"),
         "bad device": ([noisy, "-o", out / "o.png", *w, "--device", "tpu"], "--device"),
         "batch with one bad image": ([noisy, bad / "cut.png", "-o", out, *w], "truncated"),
+        "batch output named like a file": ([noisy, bad / "deep.png", "-o", tmp / "result.png", *w], "file name"),
+        "output would replace a folder": ([noisy, "-o", bad / "sub", *w], "replace a folder"),
+        "tile 0": ([noisy, "-o", out / "o.png", *w, "--tile", 0], "at least 64"),
+        "bad cuda device": ([noisy, "-o", out / "o.png", *w, "--device", "cuda:x"], "cuda:N"),
+        "ensemble 3": ([noisy, "-o", out / "o.png", *w, "--ensemble", 3], "--ensemble"),
     }
 
 
@@ -273,6 +285,11 @@ CASES = [
     "tol negative",
     "bad device",
     "batch with one bad image",
+    "batch output named like a file",
+    "output would replace a folder",
+    "tile 0",
+    "bad cuda device",
+    "ensemble 3",
 ]
 
 
@@ -324,17 +341,20 @@ def test_sigma_auto_picks_nearest_shipped(capsys, tmp_path, noisy, monkeypatch):
     shipped = tmp_path / "shipped"
     shipped.mkdir()
     monkeypatch.setattr(nerd.weights, "WEIGHTS_DIR", shipped)
-    rc, _, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--sigma", "auto")
-    assert rc == 2 and "none are installed" in err
-    rc, _, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--sigma", 25)
-    assert rc == 2 and "no shipped weights for sigma 25" in err
+    for sigma in ("auto", "25"):
+        rc, _, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--sigma", sigma)
+        assert rc == 2 and "no shipped weights are installed" in err and not (tmp_path / "o.png").exists()
     for s in (5, 50):
         save_weights(create_model("tiny"), shipped / f"nerd-s{s}.safetensors", sigma255=s)
     rc, out, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--sigma", "auto", "--iters", 1)
     assert rc == 0, err
     assert "estimated sigma" in out and "nerd-s" in out
     rc, out, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--sigma", 50, "--iters", 1)
-    assert rc == 0, err
+    assert rc == 0 and "note" not in err, err
+    # a sigma with no weights of its own: the nearest, said in a note; a tie goes to the higher sigma
+    for given, chosen in ((20, "nerd-s5"), (27.5, "nerd-s50"), (200, "nerd-s50")):
+        rc, out, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--sigma", given, "--iters", 1)
+        assert rc == 0 and f"{chosen} (trained for sigma" in err and f"--sigma {given:g}" in err, err
 
 
 def test_sample(capsys, tmp_path, weights):
@@ -355,3 +375,37 @@ def test_sample(capsys, tmp_path, weights):
     assert "PSNR" in out and "sample_clean.png" in out
     with Image.open(tmp_path / "s.png") as im:
         assert im.size == (256, 256) and im.mode == "L"
+
+
+def test_self_ensemble_is_the_mean_of_the_turned_back_solves():
+    """ensemble=8 equals the mean of 8 solves of the rotated/flipped image, each turned back (an odd-sized image,
+    so a quarter turn changes its shape); ensemble=1 is the plain solve; the statistics are the worst solve's."""
+    from nerd.data.patches import dihedral, undo_dihedral
+
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    solver = replace(model.solver, max_iter=4, memory=4)
+    y = np.random.RandomState(3).rand(H, W).astype(np.float32)
+    y_t = torch.from_numpy(y)[None, None]
+    with torch.inference_mode():
+        eqs = [model.equilibrium(dihedral(y_t, k), 25 / 255, solver=solver) for k in range(8)]
+    ref = torch.stack([undo_dihedral(eq.x_hat, k) for k, eq in enumerate(eqs)]).mean(0).clamp(0, 1)[0, 0].numpy()
+    x8, s8 = denoise_image(model, y, 25, solver=solver, device="cpu", ensemble=8)
+    np.testing.assert_allclose(x8, ref, atol=1e-6)
+    assert s8["ensemble"] == 8 and s8["rel_residual"] == pytest.approx(max(float(eq.stats.rel_residual) for eq in eqs))
+    assert "x 8 symmetries" in describe(s8) and "largest rel residual" in describe(s8)
+    x1, s1 = denoise_image(model, y, 25, solver=solver, device="cpu")
+    np.testing.assert_allclose(x1, eqs[0].x_hat.clamp(0, 1)[0, 0].numpy(), atol=1e-6)
+    assert s1["ensemble"] == 1 and not np.allclose(x1, x8)
+    with pytest.raises(ValueError, match="ensemble"):
+        denoise_image(model, y, 25, device="cpu", ensemble=3)
+
+
+def test_cli_ensemble(capsys, tmp_path, noisy, weights):
+    rc, out, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--weights", weights, "--sigma", 25,
+                       "--device", "cpu", "--iters", 2, "--ensemble", 2)
+    assert rc == 0, err
+    assert "x 2 symmetries" in out
+    for bad in ("3", "0", "x"):
+        rc, _, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "b.png", "--weights", weights, "--ensemble", bad)
+        assert rc == 2 and "--ensemble" in err and not (tmp_path / "b.png").exists()

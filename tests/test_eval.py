@@ -248,8 +248,9 @@ def test_cli_eval_noisy_and_nerd(tmp_path: Path, capsys: pytest.CaptureFixture[s
     [
         (["--sets", "Nope"], "not found"),
         (["--sets", "Empty"], "no images"),
-        (["--sigma", "0"], "--sigma must be > 0"),
-        (["--sigma", "-5"], "--sigma must be > 0"),
+        (["--sigma", "0"], "sigma must be in (0, 255]"),
+        (["--sigma", "-5"], "sigma must be in (0, 255]"),
+        (["--sigma", "inf"], "sigma must be in (0, 255]"),
         (["--limit", "0"], "--limit"),
         (["--weights", "x.safetensors"], "only apply to --method nerd"),
         (["--sets", "Small"], "smaller than SSIM's 11x11 window"),
@@ -271,6 +272,24 @@ def test_cli_eval_user_errors_exit_2(
     assert main(argv + extra) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU this machine lacks")
+@pytest.mark.parametrize("argv, message", [
+    (["validate", "nerd-s25", "--device", "cuda"], "no CUDA GPU"),
+    (["validate", "nerd-s25", "--device", "tpu"], "cpu, cuda or cuda:N"),
+    (["validate", "nerd-s25", "--sigma", "-3"], "sigma must be in (0, 255]"),
+    (["eval", "--method", "noisy", "--device", "cuda"], "no CUDA GPU"),
+    (["train", "--config", "configs/quick-tiny.toml", "--device", "cuda:1"], "no CUDA GPU"),
+])
+def test_cli_device_and_sigma_refusals_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                               message: str) -> None:
+    _write_set(tmp_path / "Train400", n=9)
+    argv = [str(Path(__file__).resolve().parents[1] / a) if a.startswith("configs/") else a for a in argv]
+    extra = ["--data", str(tmp_path / "Train400")] if argv[0] != "eval" else ["--data", str(tmp_path)]
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_eval_missing_weights_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -47,6 +49,7 @@ def test_load_gray_and_list_images(tmp_path):
     Image.fromarray(ramp(np.uint8, 255)).save(tmp_path / "b.png")
     Image.fromarray(ramp(np.uint8, 255)).save(tmp_path / "a.jpg")
     (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "._b.png").write_bytes(b"\0\5\26\7")  # macOS metadata beside b.png: not an image of the folder
     assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png"]
     x = load_gray(tmp_path / "b.png")
     assert x.dtype == np.float32 and x.shape == (H, W)
@@ -59,6 +62,41 @@ def test_gray_stored_as_rgb_is_gray(tmp_path):
     x, depth = read_image(tmp_path / "g.png")
     assert depth == 8
     np.testing.assert_allclose(x, g / 255.0, atol=1e-7)
+
+
+def png16(path, pixels: np.ndarray, colour_type: int) -> None:
+    """Write a 16-bit PNG by hand (Pillow cannot write 16-bit colour): pixels (H, W, channels) uint16."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = pixels.shape[:2]
+    rows = b"".join(b"\0" + pixels[i].astype(">u2").tobytes() for i in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_16bit_colour_png_is_refused_not_cut_to_8_bits(tmp_path):
+    g = ramp(np.uint16, 65535) * 9
+    png16(tmp_path / "rgb.png", np.stack([g, g, g], -1), 2)  # gray stored as 16-bit RGB
+    png16(tmp_path / "la.png", np.stack([g, np.full_like(g, 65535)], -1), 4)  # 16-bit gray + alpha
+    for name in ("rgb.png", "la.png"):
+        with pytest.raises(ImageError, match="16-bit PNG with colour or alpha"):
+            read_image(tmp_path / name)
+        x, depth = read_image(tmp_path / name, gray=True)  # --gray: its 8-bit luminance, as for any colour image
+        assert depth == 8 and x.shape == (H, W)
+        np.testing.assert_allclose(x, (g >> 8) / 255.0, atol=1 / 255)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = ramp(np.uint8, 255)
+    im = Image.fromarray(pixels)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(tmp_path / "cam.jpg", exif=exif, quality=100)
+    x, _ = read_image(tmp_path / "cam.jpg")
+    assert x.shape == (W, H)  # as a viewer shows it
+    np.testing.assert_allclose(x, np.rot90(pixels, -1) / 255.0, atol=6 / 255)  # JPEG's rounding
 
 
 def test_colour_refused_unless_gray(tmp_path):

@@ -84,6 +84,18 @@ def test_tiled_blend_of_a_pointwise_denoiser_is_the_whole_image():
     assert s["abs_residual"] == pytest.approx(1.2)
 
 
+def test_self_ensemble_with_tiles_of_a_pointwise_denoiser_is_exact():
+    """A pointwise stand-in commutes with every symmetry: 4 symmetries x 12 tiles give the whole-image result, and a
+    tile counts as converged only when all its solves did."""
+    y = np.random.RandomState(1).rand(97, 131).astype(np.float32)
+    whole, _ = denoise_image(Pointwise(), y, 25, device="cpu")
+    model = Pointwise()
+    x, s = denoise_image(model, y, 25, device="cpu", tile=48, overlap=16, ensemble=4)
+    assert model.calls == 48 and s["tiles"] == 12 and s["ensemble"] == 4
+    np.testing.assert_allclose(x, whole, atol=1e-6)
+    assert s["unconverged_tiles"] == 12  # every tile had a solve (an even call) that did not converge
+
+
 def test_a_tile_that_covers_the_image_is_the_whole_image_solve():
     torch.manual_seed(0)
     model = create_model("tiny")

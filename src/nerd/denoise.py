@@ -22,6 +22,7 @@ SAMPLE_NOISY = ASSETS / "sample_noisy.png"
 SAMPLE_CLEAN = ASSETS / "sample_clean.png"
 SAMPLE_SIGMA = 25.0
 MAX_SIGMA = 255.0
+ENSEMBLES = (1, 2, 4, 8)  # self-ensemble sizes: the first n of the square's 8 symmetries (nerd.data.patches.dihedral)
 
 
 class DenoiseError(RuntimeError):
@@ -59,9 +60,10 @@ def denoise_image(
     device: str | None = None,
     tile: int | None = None,
     overlap: int | None = None,
+    ensemble: int = 1,
     progress: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Denoise one grayscale image with a DEQDenoiser, whole or in overlapping tiles.
+    """Denoise one grayscale image with a DEQDenoiser, whole or in overlapping tiles, optionally self-ensembled.
 
     Args:
         model: a `nerd.models.DEQDenoiser` (moved to `device`; run in eval mode, its mode restored after).
@@ -74,22 +76,28 @@ def denoise_image(
             (the CLI's `--tile auto` picks one from the memory available with `nerd.tiling.choose_tile`; here it
             is only what is asked). A tile that covers the image is the whole-image solve.
         overlap: pixels shared by neighbouring tiles (default `nerd.tiling.OVERLAP`); tile must be >= 2 x overlap.
-        progress: a progress bar over the tiles (stderr).
+        ensemble: 1 (default), 2, 4 or 8: the mean of that many solves of each tile (or of the whole image), each
+            on one of the square's symmetries (`dihedral(., k)` for k < ensemble: quarter turns, then flips) and
+            turned back; n times the time, the memory of one solve.
+        progress: a progress bar over the solves (stderr).
 
     Returns:
         (x_hat, summary): x_hat float32 (H, W) clipped to [0, 1]; summary dict with height, width, nfe
         (f-evaluations = iterations; the most of any tile), rel_residual and abs_residual (the largest of any tile),
-        converged (every tile), tiles (1 for a whole-image solve), tile (the side asked for; None for a whole-image
+        converged (every solve), tiles (1 for a whole-image solve), tile (the side asked for; None for a whole-image
         solve, also when the tile asked for covers the image), tile_shape
-        ((h, w) of the tiles, or None), overlap, unconverged_tiles, tol, memory, seconds, device.
+        ((h, w) of the tiles, or None), overlap, unconverged_tiles (tiles with a solve that did not converge),
+        ensemble, tol, memory, seconds, device.
 
     Raises:
-        ValueError: y is not a finite 2-D array, sigma255 is out of range, or tile < 2 x overlap.
+        ValueError: y is not a finite 2-D array, sigma255 is out of range, tile < 2 x overlap, or ensemble is
+            not one of 1, 2, 4, 8.
         DenoiseError: the output has non-finite values.
     """
     import torch
 
     from nerd import allocator
+    from nerd.data.patches import dihedral, undo_dihedral
     from nerd.tiling import OVERLAP, fit_memory, tiles
 
     y = np.ascontiguousarray(y, dtype=np.float32)
@@ -98,6 +106,8 @@ def denoise_image(
     if not np.isfinite(y).all():
         raise ValueError("image has NaN or infinite pixels")
     sigma = check_sigma(sigma255)
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLES))}, got {ensemble!r}")
     overlap = OVERLAP if overlap is None else int(overlap)
     if tile is not None and max(y.shape) <= tile:
         tile = None  # one tile covers the image: the whole-image solve
@@ -109,27 +119,34 @@ def denoise_image(
     dev = torch.device(device or default_device())
     was_training = model.training
     model.to(dev).eval()
-    stats = []
+    stats = []  # one entry per tile: the statistics of its solves (one per symmetry)
     try:
         start = time.perf_counter()
         with torch.inference_mode():
             y_t = torch.from_numpy(y).to(dev)
             acc = torch.zeros_like(y_t) if tile is not None else None
             norm = torch.zeros_like(y_t) if tile is not None else None
-            with _bar(len(pieces), progress) as bar:
+            with _bar(len(pieces) * ensemble, progress) as bar:
                 for rows, cols, weight in pieces:
-                    eq = model.equilibrium(y_t[rows, cols][None, None], sigma / 255.0, solver=solver)
-                    x = eq.x_hat[0, 0].float()
-                    stats.append(eq.stats)
+                    part, x = y_t[rows, cols][None, None], None
+                    stats.append([])
+                    for k in range(ensemble):  # a rotated tile has the same pixels: the same memory
+                        eq = model.equilibrium(dihedral(part, k), sigma / 255.0, solver=solver)
+                        x_k = undo_dihedral(eq.x_hat, k)[0, 0].float()
+                        x = x_k if x is None else x + x_k
+                        stats[-1].append(eq.stats)
+                        del eq, x_k
+                        if len(pieces) * ensemble > 1:
+                            allocator.release()  # else each solve fragments the heap further (peak +20 % tiled)
+                        bar.update()
+                    x = x / ensemble
                     if acc is None:
                         acc = x
                     else:
                         w = weight.to(dev)
                         acc[rows, cols] += w * x
                         norm[rows, cols] += w
-                        del eq, x
-                        allocator.release()  # else each tile's solve fragments the heap further (peak +20 %)
-                    bar.update()
+                        del x
             x = acc if norm is None else acc / norm
             finite = bool(torch.isfinite(x).all())
             x_hat = x.clamp(0.0, 1.0).cpu().numpy()
@@ -138,19 +155,21 @@ def denoise_image(
         seconds = time.perf_counter() - start
     finally:
         model.train(was_training)
-    converged = [bool(s.converged[0]) for s in stats]
+    converged = [all(bool(s.converged[0]) for s in tile_stats) for tile_stats in stats]
+    solves = [s for tile_stats in stats for s in tile_stats]
     summary: dict[str, Any] = {
         "height": int(y.shape[0]),
         "width": int(y.shape[1]),
-        "nfe": max(int(s.nfe[0]) for s in stats),
-        "rel_residual": max(float(s.rel_residual[0]) for s in stats),
-        "abs_residual": max(float(s.abs_residual[0]) for s in stats),
+        "nfe": max(int(s.nfe[0]) for s in solves),
+        "rel_residual": max(float(s.rel_residual[0]) for s in solves),
+        "abs_residual": max(float(s.abs_residual[0]) for s in solves),
         "converged": all(converged),
         "tiles": len(pieces),
         "tile": tile,
         "tile_shape": tuple(pieces[0][2].shape) if tile is not None else None,
         "overlap": overlap if tile is not None else None,
         "unconverged_tiles": converged.count(False),
+        "ensemble": ensemble,
         "tol": float(solver.tol),
         "memory": int(solver.memory),
         "seconds": seconds,
@@ -165,18 +184,20 @@ def denoise_image(
 
 
 def _bar(total: int, show: bool) -> Any:
-    """A tqdm bar over the tiles on stderr (silent for one tile or when not asked)."""
+    """A tqdm bar over the solves (tiles x symmetries) on stderr (silent for one solve or when not asked)."""
     import sys
 
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="tile", leave=False, file=sys.stderr, disable=not show or total < 2)
+    return tqdm(total=total, unit="solve", leave=False, file=sys.stderr, disable=not show or total < 2)
 
 
 def describe(summary: dict[str, Any]) -> str:
     """One line: '256x256, 12 iterations, converged (rel residual 8.12e-04), 1.23 s'; for a tiled solve
-    '4000x3000 in 48 tiles of 518x596 (overlap 32), up to 17 iterations, NOT converged in 3 of 48 tiles (...)'."""
+    '4000x3000 in 48 tiles of 518x596 (overlap 32), up to 17 iterations, NOT converged in 3 of 48 tiles (...)';
+    a self-ensemble adds 'x 8 symmetries' after the size."""
     tiled = summary.get("tiles", 1) > 1
+    several = tiled or summary.get("ensemble", 1) > 1  # statistics are the worst of several solves
     if summary["converged"]:
         state = "converged"
     elif tiled:
@@ -184,12 +205,14 @@ def describe(summary: dict[str, Any]) -> str:
     else:
         state = "NOT converged"
     # two decimals: one would print a residual just above the tolerance as equal to it ("1.0e-03 > tol 1e-03")
-    detail = f"{'largest ' if tiled else ''}rel residual {summary['rel_residual']:.2e}"
+    detail = f"{'largest ' if several else ''}rel residual {summary['rel_residual']:.2e}"
     if not summary["converged"]:
         detail += f" > tol {summary['tol']:.0e}"
     size = f"{summary['width']}x{summary['height']}"
     if tiled:
         th, tw = summary["tile_shape"]
         size += f" in {summary['tiles']} tiles of {tw}x{th} (overlap {summary['overlap']})"
-    iterations = f"{'up to ' if tiled else ''}{summary['nfe']} iterations"
+    if summary.get("ensemble", 1) > 1:
+        size += f" x {summary['ensemble']} symmetries"
+    iterations = f"{'up to ' if several else ''}{summary['nfe']} iterations"
     return f"{size}, {iterations}, {state} ({detail}), {summary['seconds']:.2f} s"

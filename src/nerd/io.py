@@ -25,9 +25,11 @@ class ImageError(ValueError):
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name (the protocol's order)."""
+    """Image files directly inside `folder`, sorted by name (the protocol's order). Hidden files (a leading ".",
+    such as macOS's "._name.png" metadata files) are not images of the folder and are skipped."""
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def load_gray(path: str | os.PathLike[str]) -> np.ndarray:
@@ -44,6 +46,15 @@ def _gray_channels(rgb: np.ndarray) -> np.ndarray | None:
     return r if np.array_equal(r, g) and np.array_equal(g, b) else None
 
 
+def _png_reduced_to_8_bits(path: Path) -> bool:
+    """A 16-bit PNG with colour or alpha channels: Pillow opens it as 8-bit RGB(A), dropping the low 8 bits.
+    (Its IHDR chunk, right after the 8-byte signature: bit depth at byte 24, colour type at byte 25.)"""
+    with open(path, "rb") as fh:
+        head = fh.read(26)
+    return (len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+            and head[24] == 16 and head[25] in (2, 4, 6))  # 2 RGB, 4 gray + alpha, 6 RGBA
+
+
 def read_image(path: str | os.PathLike[str], *, gray: bool = False) -> tuple[np.ndarray, int]:
     """Read one image as grayscale.
 
@@ -51,12 +62,14 @@ def read_image(path: str | os.PathLike[str], *, gray: bool = False) -> tuple[np.
         path: the file.
         gray: convert a colour image to luminance (ITU-R 601 luma, 8-bit) instead of refusing it.
 
+    An EXIF orientation tag (cameras' JPEGs) is applied, so x is the image as viewers show it.
+
     Returns:
         (x, depth): x float32 (H, W) in [0, 1]; depth 8, 16 or 32 (float32 input).
 
     Raises:
-        ImageError: missing, empty, not an image, truncated/corrupt, multi-page, colour (without `gray`),
-            non-finite or out-of-range pixels, unsupported pixel format.
+        ImageError: missing, empty, not an image, truncated/corrupt, multi-page, colour (without `gray`), a 16-bit
+            colour or alpha PNG (without `gray`), non-finite or out-of-range pixels, unsupported pixel format.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -72,6 +85,12 @@ def read_image(path: str | os.PathLike[str], *, gray: bool = False) -> tuple[np.
             if getattr(im, "n_frames", 1) > 1:
                 raise ImageError(f"{path}: multi-page image ({im.n_frames} frames); give one image per file")
             im.load()
+            if im.format == "PNG" and not gray and _png_reduced_to_8_bits(path):
+                raise ImageError(
+                    f"{path}: 16-bit PNG with colour or alpha channels, which can only be read at 8 bits here; "
+                    "save it as 16-bit grayscale to keep its depth, or add --gray for its 8-bit luminance"
+                )
+            im = _upright(im)
             return _decode(im, path, gray)
     except ImageError:
         raise
@@ -80,6 +99,14 @@ def read_image(path: str | os.PathLike[str], *, gray: bool = False) -> tuple[np.
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ImageError(f"{path}: cannot decode image (truncated or corrupt: {reason})") from None
+
+
+def _upright(im):  # noqa: ANN001, ANN202 -- a loaded PIL image
+    """The image as it is displayed: a camera's EXIF orientation tag applied (written files carry no EXIF, so
+    without this a rotated JPEG would come back turned)."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im
 
 
 def _decode(im, path: Path, gray: bool) -> tuple[np.ndarray, int]:  # noqa: ANN001 -- a loaded PIL image

@@ -476,6 +476,21 @@ def tiling_table() -> str:
                      row, left=2, note=note, single="process")
 
 
+def ensemble_table() -> str:
+    """results/bench/ensemble.json (`scripts/ensemble_check.py`): the self-ensemble on held-out images."""
+
+    def note(data: dict) -> str:
+        rows = data["rows"]
+        return (f"; weights {', '.join(sorted({r['weights'] for r in rows}))}, {rows[0]['images']} held-out "
+                "Train400 images, validation noise")
+
+    return _ab_table("ensemble.json", "ensemble_check.py", "runs",
+                     lambda data: ["σ", "--ensemble", "PSNR (dB)", "vs 1 (dB)", "SSIM", "s/image", "time vs 1"],
+                     lambda r: f"| {r['sigma']:g} | {r['ensemble']} | {r['psnr']:.3f} | {r['delta_psnr']:+.3f} "
+                               f"| {r['ssim']:.4f} | {r['seconds']:.1f} | {r['time_ratio']:.2f}× |",
+                     left=0, note=note)
+
+
 BLOCKS = {
     "results": results_table,
     "training-compare": lambda: training_table("cpu-"),
@@ -486,8 +501,9 @@ BLOCKS = {
     "attention-ab": attention_ab_table,
     "malloc-ab": malloc_ab_table,
     "tiling": tiling_table,
-    "speed-now": lambda: _optional("nerd.bench_report", "markdown_tables",
-                                   RESULTS / "bench" / "after-malloc" / "bench-cpu.json", "results/bench/after-malloc", 4),
+    "ensemble": ensemble_table,
+    "speed-now": lambda: _optional("nerd.bench_report", "markdown_tables", RESULTS / "bench" / "after-malloc"
+                                   / "bench-cpu.json", "results/bench/after-malloc", 4),
     "experiments": lambda: _optional("nerd.experiments", "markdown_summary", RESULTS / "experiments"),
 }
 

@@ -19,6 +19,31 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line on stderr, exit status 2, no traceback."""
 
 
+def check_device(device: str) -> str:
+    """`device` ("cpu", "cuda" or "cuda:N") when this machine has it; UserError otherwise."""
+    import re
+
+    import torch
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available; use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    return device
+
+
+def check_sigma(sigma255: float, option: str = "--sigma") -> float:
+    """sigma255 when 0 < sigma255 <= 255 (the 0-255 scale); UserError otherwise."""
+    from nerd.denoise import check_sigma as valid
+
+    try:
+        return valid(sigma255)
+    except ValueError as err:
+        raise UserError(f"{option}: {err}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nerd", description="NERD: the Noise Equilibrium Reaching Denoiser (implicit / deep-equilibrium)."

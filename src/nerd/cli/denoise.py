@@ -54,13 +54,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tol", metavar="T", help="solver relative-residual tolerance (overrides the weights' tol)"
     )
-    p.add_argument("--device", metavar="cpu|cuda", help="default: cuda when available, else cpu")
+    p.add_argument("--device", metavar="cpu|cuda[:N]", help="default: cuda when available, else cpu")
     p.add_argument(
         "--tile",
         metavar="N|auto|off",
         default="auto",
         help="solve in overlapping tiles of at most N x N to bound memory; 'auto' (default): tiles only when the whole "
         "image would not fit in the memory available; 'off': always the whole image",
+    )
+    p.add_argument(
+        "--ensemble",
+        metavar="N",
+        default="1",
+        help="self-ensemble: the mean of N solves (1, 2, 4 or 8), each on a rotated/flipped copy and turned back; "
+        "N times the time, a little higher PSNR (README, 'Self-ensemble'); default 1",
     )
     p.add_argument(
         "--sample", action="store_true", help="denoise the shipped sample image (sigma 25) and print PSNR"
@@ -119,7 +126,7 @@ def _parse_tile(text: str) -> int | str | None:
 
     if text.lower() in ("auto", "off"):
         return None if text.lower() == "off" else "auto"
-    side = _number(text, "--tile", int, 1)
+    side = _number(text, "--tile", int, -math.inf)
     if side < 2 * OVERLAP:
         raise UserError(f"--tile must be at least {2 * OVERLAP} (twice the tiles' overlap), got {text!r}")
     return side
@@ -190,18 +197,22 @@ def _writable_folder(folder: Path, what: str) -> None:
 def _plan(files: list[Path], batch: bool, out: str | None) -> tuple[list[Job], Path | None]:
     """Output path of each input; returns (jobs, output folder to create after validation or None)."""
     from nerd.cli import UserError
+    from nerd.io import FORMATS
 
     if not out:
         raise UserError("give -o OUT: an output file (or a folder, for several images)")
     target = Path(out)
+    folder = out.endswith(("/", os.sep))  # "-o new/" names a folder even before it exists (Path drops the "/")
     create: Path | None = None
-    if batch:
+    if batch or folder:
         if target.exists() and not target.is_dir():
-            raise UserError(f"-o {target}: several images need an output folder, and this is a file")
+            what = "several images need an output folder" if batch else "-o ends with a slash"
+            raise UserError(f"-o {target}: {what}, and this is a file")
         if not target.exists():
-            _writable_folder(
-                target.parent if str(target.parent) else Path("."), "parent of the output folder"
-            )
+            if not folder and target.suffix.lower() in FORMATS:
+                raise UserError(f"-o {target}: several images need an output folder, not a file name; "
+                                f"give a folder (it is created) or a single input image")
+            _writable_folder(target.parent, "parent of the output folder")
             create = target
         else:
             _writable_folder(target, "output folder")
@@ -212,6 +223,8 @@ def _plan(files: list[Path], batch: bool, out: str | None) -> tuple[list[Job], P
         jobs = [Job(files[0], dst)]
     seen: dict[Path, Path] = {}
     for job in jobs:
+        if job.dst.is_dir():
+            raise UserError(f"{job.dst}: the output would replace a folder of that name; choose another -o")
         key = job.dst.resolve()
         if key == job.src.resolve():
             raise UserError(f"{job.dst}: output would overwrite its input; choose another -o")
@@ -222,23 +235,27 @@ def _plan(files: list[Path], batch: bool, out: str | None) -> tuple[list[Job], P
 
 
 def _nearest_shipped(sigma: float) -> str:
-    """Name of the shipped weights whose training sigma is nearest `sigma`."""
+    """Name of the shipped weights whose training sigma is nearest `sigma` (on a tie the higher sigma: weights
+    for a little more noise than there is cost less PSNR than the other way round)."""
     from nerd.cli import UserError
     from nerd.weights import WeightsError, read_metadata, shipped
 
-    best: tuple[float, str] | None = None
+    trained: dict[str, float] = {}
     for name in shipped():
         try:
-            trained = float(read_metadata(name)["sigma"])
+            trained[name] = float(read_metadata(name)["sigma"])
         except (WeightsError, KeyError, ValueError):
             continue
-        if best is None or abs(trained - sigma) < best[0]:
-            best = (abs(trained - sigma), name)
-    if best is None:
-        raise UserError(
-            "--sigma auto needs shipped weights to choose from, and none are installed; give --weights"
-        )
-    return best[1]
+    if not trained:
+        raise UserError("no shipped weights are installed to choose from; give --weights NAME|PATH")
+    return min(trained, key=lambda name: (abs(trained[name] - sigma), -trained[name]))
+
+
+def _trained_sigma(name: str) -> float:
+    """The training sigma in a shipped weights file's metadata."""
+    from nerd.weights import read_metadata
+
+    return float(read_metadata(name)["sigma"])
 
 
 def _load(name: str, device: str, cache: dict[str, tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any]]:
@@ -253,29 +270,15 @@ def _load(name: str, device: str, cache: dict[str, tuple[Any, dict[str, Any]]]) 
     return cache[name]
 
 
-def _weights_for_sigma(sigma: float) -> str:
-    from nerd.cli import UserError
-    from nerd.weights import default_name, shipped
-
-    name = default_name(sigma)
-    names = shipped()
-    if name not in names:
-        have = ", ".join(names) or "none"
-        raise UserError(
-            f"no shipped weights for sigma {sigma:g} ({name}; shipped: {have}); give --weights NAME|PATH"
-        )
-    return name
-
-
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import torch
     from tqdm import tqdm
 
     from nerd import allocator
-    from nerd.cli import UserError
+    from nerd.cli import UserError, check_device
     from nerd.denoise import (
+        ENSEMBLES,
         SAMPLE_CLEAN,
         SAMPLE_SIGMA,
         DenoiseError,
@@ -291,11 +294,10 @@ def run(args: argparse.Namespace) -> int:
     iters = _number(args.iters, "--iters", int, 1)
     tol = _number(args.tol, "--tol", float, 0)
     tile_choice = _parse_tile(args.tile)
-    device = args.device or default_device()
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available; use --device cpu")
+    ensemble = _number(args.ensemble, "--ensemble", int, 1)
+    if ensemble not in ENSEMBLES:
+        raise UserError(f"--ensemble must be one of {', '.join(map(str, ENSEMBLES))}, got {args.ensemble!r}")
+    device = check_device(args.device or default_device())
     files, batch = _inputs(args)  # the paths exist (images are decoded below, after the weights)
     if sigma is None and args.sample:
         sigma = SAMPLE_SIGMA
@@ -309,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
         if sigma is None:
             sigma = info["sigma"]
     elif isinstance(sigma, float):
-        _load(_weights_for_sigma(sigma), device, models)
+        _load(_nearest_shipped(sigma), device, models)
 
     jobs, create = _plan(files, batch, args.output)
     cached: dict[Path, Any] = {}
@@ -322,19 +324,21 @@ def run(args: argparse.Namespace) -> int:
         if sigma == "auto":
             job.sigma = estimate_sigma255(y)
             job.weights = args.weights or _nearest_shipped(job.sigma)
-            say(f"{job.src.name}: estimated sigma {job.sigma:.1f} (0-255 scale) -> weights {job.weights}")
+            trained = models[job.weights][1]["sigma"] if job.weights in models else _trained_sigma(job.weights)
+            far = f" (trained for sigma {trained:g}: the nearest there is)" if abs(trained - job.sigma) > 5 else ""
+            flat = " (the image looks noise-free or flat)" if job.sigma < 1 else ""
+            say(f"{job.src.name}: estimated sigma {job.sigma:.1f}{flat} (0-255 scale) -> weights {job.weights}{far}")
         else:
             job.sigma = float(sigma)  # type: ignore[arg-type]
-            job.weights = args.weights or _weights_for_sigma(job.sigma)
+            job.weights = args.weights or _nearest_shipped(job.sigma)
         if len(jobs) == 1:
             cached[job.src] = y
     for name in dict.fromkeys(job.weights for job in jobs):  # load (and check) every weights file needed
         _, info = _load(name, device, models)
         if isinstance(sigma, float) and abs(info["sigma"] - sigma) > 0.5 and not args.quiet:
-            print(
-                f"note: {name} was trained for sigma {info['sigma']:g}; you gave --sigma {sigma:g}",
-                file=sys.stderr,
-            )
+            why = "" if args.weights else f"no shipped weights were trained for sigma {sigma:g}, so "
+            print(f"note: {why}{name} (trained for sigma {info['sigma']:g}) denoises --sigma {sigma:g}",
+                  file=sys.stderr)
     if create is not None:
         create.mkdir()
 
@@ -356,7 +360,8 @@ def run(args: argparse.Namespace) -> int:
             say(f"{job.src.name}: {why}")
         try:
             x_hat, summary = denoise_image(
-                model, y, min(sigma_in, 255.0), solver=solver, device=device, tile=tile, progress=not args.quiet
+                model, y, min(sigma_in, 255.0), solver=solver, device=device, tile=tile,
+                ensemble=ensemble, progress=not args.quiet,
             )
         except DenoiseError as err:
             raise UserError(f"{job.src}: {err}") from None
@@ -366,9 +371,10 @@ def run(args: argparse.Namespace) -> int:
         if not summary["converged"] and args.quiet:
             tiled = summary["tiles"] > 1
             where = f" in {summary['unconverged_tiles']} of {summary['tiles']} tiles" if tiled else ""
+            largest = "largest " if tiled or ensemble > 1 else ""
             print(
                 f"warning: {job.src.name}: solver NOT converged{where} "
-                f"({'largest ' if tiled else ''}rel residual {summary['rel_residual']:.2e} > tol {summary['tol']:.0e})",
+                f"({largest}rel residual {summary['rel_residual']:.2e} > tol {summary['tol']:.0e})",
                 file=sys.stderr,
             )
         if args.sample:

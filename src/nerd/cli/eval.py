@@ -46,15 +46,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="dncnn: folder of dncnn_sigma*.safetensors "
                    "(default: $NERD_ANCHORS, else ../shared/anchors)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images of each set")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where nerd and dncnn run")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]", help="where nerd and dncnn run (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _check(args: argparse.Namespace) -> None:
-    from nerd.cli import UserError
+    from nerd.cli import UserError, check_sigma
 
-    if any(not s > 0 for s in args.sigma):
-        raise UserError(f"--sigma must be > 0, got {' '.join(f'{s:g}' for s in args.sigma)}")
+    for sigma255 in args.sigma:
+        check_sigma(sigma255)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     nerd_only = {"--weights": args.weights, "--iters": args.iters, "--tol": args.tol, "--solver": args.solver,
@@ -119,16 +119,13 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import sys
 
-    import torch
-
     from nerd import allocator
-    from nerd.cli import UserError
+    from nerd.cli import UserError, check_device
     from nerd.evaluate import EvalError, Noisy, default_data_root, evaluate, resolve_sets, summary_markdown
     from nerd.io import ImageError
 
     _check(args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available")
+    check_device(args.device)
     data_root = Path(args.data) if args.data else default_data_root()
     try:
         sets = resolve_sets(data_root, args.sets)

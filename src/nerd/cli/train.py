@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nerd.cli import UserError
+    from nerd.cli import UserError, check_device
     from nerd.config import load_config
     from nerd.train import NonFiniteLoss, resolved_config, train
 
@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as err:
         raise UserError(f"bad config {path}: {err}") from None
     out = Path(args.out) if args.out else Path("runs") / cfg.name
+    if args.device is not None:
+        check_device(args.device)
     try:
         run_dir = train(cfg, out=out, resume=args.resume, device=args.device, stop_after=args.stop_after,
                         max_minutes=args.max_minutes, max_cpu_minutes=args.max_cpu_minutes,

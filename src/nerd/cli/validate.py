@@ -28,12 +28,15 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from nerd.cli import UserError
+    from nerd.cli import UserError, check_device, check_sigma
     from nerd.data.patches import load_folder, validation_pairs
     from nerd.evaluate import default_data_root
     from nerd.train import validate
     from nerd.weights import WeightsError, load_weights
 
+    check_device(args.device)
+    if args.sigma is not None:
+        check_sigma(args.sigma)
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = Path(args.data) if args.data else default_data_root() / "Train400"
