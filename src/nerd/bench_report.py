@@ -170,7 +170,7 @@ def render_section(res: dict[str, Any], name: str) -> str:
                 dp = r["psnr"] - bm["psnr"] if bm else None
                 rows.append([r["label"], _f(r["nfe"], "d"), _f(r["seconds"], ".3f"), _f(ratio, ".2f") + "×",
                              _f(r["psnr"], ".2f"), _f(dp, "+.2f")])
-            parts.append(f"\n{im['set']} {im['name']} ({im['h']}×{im['w']})\n\n"
+            parts.append(f"\n{im['set']} {im['name']} ({im['w']}×{im['h']})\n\n"
                          + _table(["method", "nfe", "s/image", "time vs BM3D", "PSNR (dB)", "vs BM3D (dB)"], rows))
         return "".join(parts)
     if name == "solvers":
@@ -179,7 +179,7 @@ def render_section(res: dict[str, Any], name: str) -> str:
             rows = [[r["solver"], str(r["nfe"]), _f(r["seconds"], ".3f"), _f(r["ms_per_feval"], ".1f"),
                      "yes" if r["converged"] else "no", _f(r["rel_residual"], ".2e"), _f(r["psnr"], ".2f")]
                     for r in im["runs"]]
-            parts.append(f"\n{im['set']} {im['name']} ({im['h']}×{im['w']})\n\n"
+            parts.append(f"\n{im['set']} {im['name']} ({im['w']}×{im['h']})\n\n"
                          + _table(["solver", "nfe", "s", "ms/f-eval", "converged", "rel residual", "PSNR"], rows))
         return "".join(parts)
     if name == "memory":

@@ -1,11 +1,14 @@
 """Shipped and exported weights: safetensors files whose metadata carries the config, scores and a checksum.
 
 A file holds the model's state dict and these metadata entries (all strings, as safetensors requires):
-``format`` ("nerd-1"), ``model`` and ``solver`` (config JSON), ``sigma`` (0-255 scale the weights were trained
-for), ``scores`` (JSON of measured figures), ``train`` (JSON: recipe, steps, time), ``sha256`` (of the tensors).
-Loading rebuilds the architecture from the metadata, checks the checksum and loads strictly.
+``format`` ("nerd-2"), ``model`` and ``solver`` (config JSON), ``sigma`` (0-255 scale the weights were trained
+for), ``scores`` (JSON of measured figures), ``train`` (JSON: recipe, steps, time), ``sha256`` (of the tensors and
+of the entries that rebuild the model and give its outputs their meaning: format, model, solver, sigma; "nerd-1"
+files, whose checksum covers the tensors only, still load). Loading rebuilds the architecture from the metadata,
+checks the checksum and loads strictly.
 
-Shipped files live next to this module as ``nerd-s<SIGMA>.safetensors``; that name is what `--sigma` picks.
+Shipped files live next to this module as ``nerd-s<SIGMA>.safetensors``; `nerd denoise --sigma S` picks the one
+whose training sigma is nearest S.
 """
 
 from __future__ import annotations
