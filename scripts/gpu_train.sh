@@ -7,7 +7,9 @@
 #   configs/gpu/nerd-m25-gpu.toml  the wider preset m from scratch
 # Each run ends by itself when its `train.minutes` are spent (the cosine schedule follows that budget); a hard
 # deadline (SIGTERM: checkpoint, then stop) guards the call's time limit. A run that fails at once under bf16 is
-# retried in float32. Each run comes back as one archive in $OUT (run folder with last.pt, best.safetensors, logs).
+# retried in float32. Each run comes back as one archive in $OUT (run folder with last.pt, best.safetensors, logs);
+# the device returns at most 8 files of at most 16 MiB, so an archive above 15 MiB (a paper-size model's last.pt with
+# its AdamW moments) comes back in parts: cat NAME.tgz.part-* > NAME.tgz.
 #
 # Prepare here (../shared does not travel to the device machine; device_data/ is git-ignored and carried):
 #   mkdir -p device_data && cp -r ../shared/data/Train400 device_data/
@@ -24,7 +26,7 @@
 # shipping is scored) with `nerd eval` on EVAL_SETS at its sigma, until EVAL_DEADLINE; copy the sets first:
 #   cp -r ../shared/data/Set12 ../shared/data/BSD68 device_data/
 # e.g. RUNS=s25w MINUTES=6.5 DEADLINE=450 EVAL_ABOVE=27.4942 EVAL_DEADLINE=585 (timeout_s 600). The reports come back
-# in $OUT/eval-NAME (a set cut off at the deadline leaves its .partial file, which `nerd eval` continues).
+# as $OUT/eval-NAME.tgz (a set cut off at the deadline leaves its .partial file, which `nerd eval` continues).
 set -u
 OUT=${OUT:-gpu_out}
 DEVICE=${DEVICE:-cuda}
@@ -60,7 +62,8 @@ run_one() {  # run_one NAME: train configs/gpu/nerd-NAME-gpu.toml, retrying in f
     cfg=gpu_runs/$name-minutes.toml
   fi
   local left=$((DEADLINE - ($(date +%s) - start)))
-  timeout -s TERM "$left" python3 -c "$PY" train --config "$cfg" --out "gpu_runs/$name" --data device_data/Train400 \
+  [ "$left" -gt 10 ] || { echo "$name: no time left to start it" >>"$log"; return; }
+  timeout -k 30 -s TERM "$left" python3 -c "$PY" train --config "$cfg" --out "gpu_runs/$name" --data device_data/Train400 \
     --device "$DEVICE" --no-progress ${STEPS:+--steps "$STEPS"} >"gpu_runs/$name.log" 2>&1
   rc=$?
   # No training row logged: it failed at its first steps (a stage that starts from an init has a last.pt from its
@@ -70,7 +73,8 @@ run_one() {  # run_one NAME: train configs/gpu/nerd-NAME-gpu.toml, retrying in f
     sed 's/^\[train\]$/[train]\namp = "off"/' "$cfg" >"gpu_runs/$name-fp32.toml"
     rm -rf "gpu_runs/$name"
     left=$((DEADLINE - ($(date +%s) - start)))
-    timeout -s TERM "$left" python3 -c "$PY" train --config "gpu_runs/$name-fp32.toml" --out "gpu_runs/$name" \
+    [ "$left" -gt 10 ] || { echo "$name: no time left to retry it" >>"$log"; return; }
+    timeout -k 30 -s TERM "$left" python3 -c "$PY" train --config "gpu_runs/$name-fp32.toml" --out "gpu_runs/$name" \
       --data device_data/Train400 --device "$DEVICE" --no-progress ${STEPS:+--steps "$STEPS"} >>"gpu_runs/$name.log" 2>&1
     rc=$?
   fi
@@ -80,7 +84,8 @@ run_one() {  # run_one NAME: train configs/gpu/nerd-NAME-gpu.toml, retrying in f
 # A run folder left by an earlier call on the same warm machine would refuse a new run (and block the fp32 retry);
 # each call already returned its runs as archives, so start clean.
 for r in $RUNS; do
-  rm -rf "gpu_runs/nerd-$r-gpu" "gpu_runs/nerd-$r-gpu.log" "gpu_runs/nerd-$r-gpu-fp32.toml" "gpu_runs/nerd-$r-gpu-minutes.toml"
+  rm -rf "gpu_runs/nerd-$r-gpu" "gpu_runs/nerd-$r-gpu.log" "gpu_runs/nerd-$r-gpu-fp32.toml" "gpu_runs/nerd-$r-gpu-minutes.toml" \
+    "gpu_runs/eval-nerd-$r-gpu"
 done
 for r in $RUNS; do run_one "$r" & done
 ticks=0
@@ -90,16 +95,24 @@ while [ -n "$(jobs -r)" ]; do  # poll often (the archives must be written before
   [ $((ticks % 12)) -eq 0 ] && { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >>"$log" 2>&1 || true; }
 done
 wait
+pack() {  # pack ARCHIVE DIR NAME...: tar NAMEs (in DIR) into $OUT/ARCHIVE, in 15 MiB parts when larger
+  tar czf "$OUT/$1" -C "$2" "${@:3}" || return
+  if [ "$(stat -c %s "$OUT/$1")" -gt $((15 * 1024 * 1024)) ]; then
+    split -b 15M -d "$OUT/$1" "$OUT/$1.part-" && rm "$OUT/$1"
+    echo "$1: larger than 15 MiB, returned in parts (cat $1.part-* > $1)" >>"$log"
+  fi
+}
 for r in $RUNS; do
   name=nerd-$r-gpu
   tail -n 3 "gpu_runs/$name/val.csv" >>"$log" 2>/dev/null
-  tar czf "$OUT/$name.tgz" -C gpu_runs "$name" "$name.log"
+  pack "$name.tgz" gpu_runs "$name" "$name.log"
 done
-# Score the candidates: best validation PSNR (val.csv's 5th column, step 0 included: best.safetensors exists only
-# when the stage beat its start) above EVAL_ABOVE.
+# Score the candidates: best validation PSNR after training began (val.csv's 5th column, step > 0: a stage that
+# starts from an init validates it at step 0 and writes best.safetensors from it, so step 0 alone would score the
+# init) above EVAL_ABOVE.
 for r in ${EVAL_ABOVE:+$RUNS}; do
   name=nerd-$r-gpu
-  best=$(tail -n +2 "gpu_runs/$name/val.csv" 2>/dev/null | cut -d, -f5 | sort -g | tail -n 1)
+  best=$(tail -n +2 "gpu_runs/$name/val.csv" 2>/dev/null | awk -F, '$1 > 0' | cut -d, -f5 | sort -g | tail -n 1)
   sigma=$(tail -n +2 "gpu_runs/$name/val.csv" 2>/dev/null | head -n 1 | cut -d, -f4)
   left=$((EVAL_DEADLINE - ($(date +%s) - start)))
   if [ ! -f "gpu_runs/$name/best.safetensors" ] || ! awk -v b="${best:-0}" -v a="$EVAL_ABOVE" 'BEGIN{exit !(b > a)}'; then
@@ -109,10 +122,11 @@ for r in ${EVAL_ABOVE:+$RUNS}; do
   else
     echo "$name: best validation $best dB > $EVAL_ABOVE: nerd eval on $EVAL_SETS at sigma $sigma" >>"$log"
     # shellcheck disable=SC2086  # EVAL_SETS is a list
-    timeout -s TERM "$left" python3 -c "$PY" eval --method nerd --weights "gpu_runs/$name/best.safetensors" \
-      --sets $EVAL_SETS --sigma "$sigma" --data device_data --device "$DEVICE" --out "$OUT/eval-$name" \
+    timeout -k 20 -s TERM "$left" python3 -c "$PY" eval --method nerd --weights "gpu_runs/$name/best.safetensors" \
+      --sets $EVAL_SETS --sigma "$sigma" --data device_data --device "$DEVICE" --out "gpu_runs/eval-$name" \
       --no-progress ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} >>"$log" 2>&1
     echo "$name: eval rc $? after $(($(date +%s) - start)) s" >>"$log"
+    pack "eval-$name.tgz" gpu_runs "eval-$name"  # one file a run: the device returns at most 8
   fi
 done
 echo "done after $(($(date +%s) - start)) s" >>"$log"
