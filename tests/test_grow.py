@@ -106,8 +106,12 @@ def test_a_stage_can_start_wider_than_its_checkpoint(image_folder, tmp_path):
         assert carried["exp_avg_sq"].shape == new["model"][name].shape
         assert bool((carried["exp_avg_sq"] >= beta2 * before[name] * (1 - 1e-6)).all()), name  # v_t >= beta2 v_t-1
     bad = replace(cfg, model=replace(cfg.model, channels=cfg.model.channels * 2))
-    with pytest.raises(ValueError, match="`expansion` may differ only"):
+    with pytest.raises(ValueError, match="differs from this run's in channels"):
         train(bad, out=tmp_path / "bad", progress=False)
+    heads = 1 if cfg.model.heads != 1 else 2  # same tensor shapes, another function: refused too
+    bad = replace(cfg, model=replace(cfg.model, heads=heads))
+    with pytest.raises(ValueError, match="differs from this run's in heads"):
+        train(bad, out=tmp_path / "bad-heads", progress=False)
 
 
 def _name(ckpt, i: int) -> str:

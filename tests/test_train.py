@@ -185,6 +185,18 @@ def test_unknown_config_key_is_refused(tmp_path):
         load_config(path)
 
 
+def test_config_values_are_checked(tmp_path):
+    path = tmp_path / "one.toml"
+    path.write_text("[train]\nsigma = 25\n")  # a single level without brackets is a one-level list
+    assert load_config(path).train.sigma == (25.0,)
+    for bad, match in [("[train]\nsigma = [0]\n", "sigma"), ("[train]\nbatch = 0\n", "batch"),
+                       ("[grad]\ndamping = 0\n", "damping"), ("[solver]\ntol = -1\n", "tol"),
+                       ("[solver]\nname = \"anderson\"\nridge = 0\n", "ridge")]:
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=match):
+            load_config(path)
+
+
 def test_sigterm_checkpoints_and_stops(image_folder, tmp_path, monkeypatch):
     import os
     import signal

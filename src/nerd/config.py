@@ -98,6 +98,14 @@ class SolverConfig:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
         if self.memory < 1:
             raise ValueError(f"memory must be >= 1, got {self.memory}")
+        if not self.tol >= 0:
+            raise ValueError(f"tol must be >= 0 (0: always run max_iter steps), got {self.tol}")
+        if not 0 < self.damping <= 1:
+            raise ValueError(f"damping must be in (0, 1], got {self.damping}")
+        # Anderson's Gram matrix turns singular once a sample stops and its stored iterates repeat.
+        if not (self.ridge > 0 if self.name == "anderson" else self.ridge >= 0):
+            raise ValueError(f"ridge must be {'> 0 for anderson' if self.name == 'anderson' else '>= 0'}, "
+                             f"got {self.ridge}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,8 @@ class GradConfig:
             raise ValueError(f"unknown gradient mode {self.mode!r}: choose phantom, implicit or unrolled")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0 < self.damping <= 1:  # 0 would give the implicit layer no gradient at all
+            raise ValueError(f"damping (lambda) must be in (0, 1], got {self.damping}")
 
 
 @dataclass(frozen=True)
@@ -181,6 +191,15 @@ class TrainConfig:
     train_iters: int = 0
     init: str = ""
     minutes: float = 0.0
+
+    def __post_init__(self) -> None:
+        sigma = self.sigma if isinstance(self.sigma, (tuple, list)) else (self.sigma,)  # `sigma = 25` in a TOML
+        object.__setattr__(self, "sigma", tuple(float(s) for s in sigma))
+        if not self.sigma or not all(0 < s <= 255 for s in self.sigma):
+            raise ValueError(f"sigma must be one or more noise levels in (0, 255], got {self.sigma}")
+        for name in ("crop", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def total_steps(self, n_images: int) -> int:
         """Optimiser steps of the whole run for a training folder of `n_images` images."""

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -187,11 +187,16 @@ def _load_init(model: DEQDenoiser, init: str, seed: int = 0) -> dict | None:
 
         init_model, _ = load_weights(init)
         init_cfg, weights = init_model.cfg, init_model.state_dict()
+    # Settings that leave the weights' shapes and meaning alone may change between stages (the attention has no
+    # position bias, so q can); `expansion` may grow by an integer factor; anything else is another model.
+    free = ("window", "dropout", "attn_block", "expansion")
+    differ = [f.name for f in fields(init_cfg) if getattr(init_cfg, f.name) != getattr(model.cfg, f.name)]
+    if [name for name in differ if name not in free] or model.cfg.expansion % init_cfg.expansion:
+        raise ValueError(f"init {init}: its model differs from this run's in {', '.join(differ)} ({init_cfg} vs "
+                         f"{model.cfg}); only {', '.join(free[:3])} may differ, and expansion by an integer factor "
+                         "(the hidden layer is then widened)")
     if init_cfg.expansion != model.cfg.expansion:
         factor = model.cfg.expansion // init_cfg.expansion
-        if replace(init_cfg, expansion=model.cfg.expansion) != model.cfg or model.cfg.expansion % init_cfg.expansion:
-            raise ValueError(f"init {init}: its model {init_cfg} is not this run's {model.cfg} (`expansion` may "
-                             "differ only by an integer factor, with nothing else: the hidden layer is then widened)")
         from nerd.models.grow import widen_hidden
 
         g = torch.Generator().manual_seed(seed)
