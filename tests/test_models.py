@@ -26,11 +26,17 @@ def test_shape_and_every_parameter_gets_a_gradient(odd_image, overrides, mode):
     torch.manual_seed(0)
     grad = GradConfig(mode=mode, steps=3, backward=SolverConfig(name="anderson", max_iter=10, tol=1e-4))
     model = create_model("tiny", solver=SolverConfig(max_iter=5), grad=grad, **overrides).train()
-    x_hat = model(odd_image, 0.1)
+    eq = model.equilibrium(odd_image, 0.1)
+    x_hat = eq.x_hat
     assert x_hat.shape == odd_image.shape and torch.isfinite(x_hat).all()
+    assert eq.backward_stats == []
     x_hat.square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"no gradient for {missing}"
+    # the implicit gradient's backward solve reports itself once backward has run
+    assert len(eq.backward_stats) == (mode == "implicit")
+    if mode == "implicit":
+        assert 1 <= int(eq.backward_stats[0].nfe.max()) <= 10
 
 
 def test_eval_is_deterministic_and_batch_equals_singles(odd_image):

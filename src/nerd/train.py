@@ -291,6 +291,8 @@ def train(
         torch.set_rng_state(ckpt["rng"]["torch"])
         if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
+        if rank > 0:  # the checkpoint holds rank 0's streams; the others keep dropout masks of their own
+            torch.manual_seed(t.seed + rank + 1_000_003 * ckpt["step"])
         step, elapsed, cpu, best = ckpt["step"], ckpt["elapsed_s"], ckpt.get("cpu_s", 0.0), ckpt["best_val"]
         if rank == 0:
             _truncate_csv(run / "log.csv", step)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -122,12 +122,15 @@ class Equilibrium:
         z_star: (B, C, H, W) the equilibrium found by the solver (detached).
         s: (B, C, H, W) the injection.
         stats: per-sample solver statistics.
+        backward_stats: with the implicit gradient, the statistics of the backward linear solve, appended once
+            `backward()` has run through x_hat (empty otherwise).
     """
 
     x_hat: Tensor
     z_star: Tensor
     s: Tensor
     stats: SolverStats
+    backward_stats: list[SolverStats] = field(default_factory=list)
 
 
 class DEQDenoiser(Denoiser):
@@ -182,28 +185,29 @@ class DEQDenoiser(Denoiser):
             z0 = torch.zeros_like(s, dtype=torch.promote_types(s.dtype, torch.float32))  # solver state: >= fp32
             grad_on = torch.is_grad_enabled()
             with torch.autocast(dev, enabled=False):
-                z, z_star, stats = self._solve(f, z0, solver, grad_on)
+                z, z_star, stats, backward_stats = self._solve(f, z0, solver, grad_on)
             out = self.decode(z.to(s.dtype))
         x_hat = y + out if self.cfg.equilibrium == "noise" else out
-        return Equilibrium(x_hat=x_hat, z_star=z_star, s=s.detach(), stats=stats)
+        return Equilibrium(x_hat=x_hat, z_star=z_star, s=s.detach(), stats=stats, backward_stats=backward_stats)
 
     def _solve(
         self, f: Callable[[Tensor], Tensor], z0: Tensor, solver: SolverConfig, grad_on: bool
-    ) -> tuple[Tensor, Tensor, SolverStats]:
-        """(z to decode, z*, stats): the no-grad solve, then the configured gradient's own steps when grad is on."""
+    ) -> tuple[Tensor, Tensor, SolverStats, list[SolverStats]]:
+        """(z to decode, z*, stats, backward stats): the no-grad solve, then the configured gradient's own steps when
+        grad is on (the implicit gradient's backward solve fills the list when backward runs)."""
         if grad_on and self.grad.mode == "unrolled":
             z = unrolled(f, z0, steps=self.grad.steps, damping=self.grad.damping)
             with torch.no_grad():
                 _, stats = solve(f, z.detach(), replace(solver, max_iter=1))
-            return z, z.detach(), stats
+            return z, z.detach(), stats, []
         with torch.no_grad():
             z_star, stats = solve(f, z0, solver)
         if not grad_on:
-            return z_star, z_star, stats
+            return z_star, z_star, stats, []
         if self.grad.mode == "phantom":
-            return phantom_grad(f, z_star, steps=self.grad.steps, damping=self.grad.damping), z_star, stats
-        z, _ = implicit_grad(f, z_star, backward=self.grad.backward)
-        return z, z_star, stats
+            return phantom_grad(f, z_star, steps=self.grad.steps, damping=self.grad.damping), z_star, stats, []
+        z, backward_stats = implicit_grad(f, z_star, backward=self.grad.backward)
+        return z, z_star, stats, backward_stats
 
     def forward(
         self, y: Tensor, sigma: float | Tensor | None = None, *, solver: SolverConfig | None = None
