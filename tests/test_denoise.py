@@ -401,6 +401,29 @@ def test_self_ensemble_is_the_mean_of_the_turned_back_solves():
         denoise_image(model, y, 25, device="cpu", ensemble=3)
 
 
+def test_colour_is_each_channel_denoised_alone(capsys, tmp_path, weights):
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    solver = replace(model.solver, max_iter=3, memory=3)
+    y = np.random.RandomState(4).rand(H, W, 3).astype(np.float32)
+    x, s = denoise_image(model, y, 25, solver=solver, device="cpu")
+    assert x.shape == (H, W, 3) and s["channels"] == 3
+    for c in range(3):
+        np.testing.assert_array_equal(x[..., c], denoise_image(model, y[..., c], 25, solver=solver, device="cpu")[0])
+    assert "x 3 channels" in describe(s)
+    img = (np.random.RandomState(5).rand(H, W, 3) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "c.png")
+    base = ["denoise", tmp_path / "c.png", "--weights", weights, "--sigma", 25, "--iters", 2]
+    rc, _, err = cli(capsys, *base, "-o", tmp_path / "no.png")
+    assert rc == 2 and "--colour" in err and not (tmp_path / "no.png").exists()
+    rc, out, err = cli(capsys, *base, "-o", tmp_path / "o.png", "--colour")
+    assert rc == 0, err
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.mode == "RGB" and im.size == (W, H)
+    rc, _, err = cli(capsys, *base, "-o", tmp_path / "both.png", "--colour", "--gray")
+    assert rc == 2 and "not both" in err
+
+
 def test_cli_ensemble(capsys, tmp_path, noisy, weights):
     rc, out, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--weights", weights, "--sigma", 25,
                        "--device", "cpu", "--iters", 2, "--ensemble", 2)

@@ -99,6 +99,31 @@ def test_exif_orientation_is_applied(tmp_path):
     np.testing.assert_allclose(x, np.rot90(pixels, -1) / 255.0, atol=6 / 255)  # JPEG's rounding
 
 
+def test_colour_read_and_written_as_rgb(tmp_path):
+    g = ramp(np.uint8, 255)
+    rgb = np.stack([g, 255 - g, g // 2], -1)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    x, depth = read_image(tmp_path / "c.png", colour=True)
+    assert depth == 8 and x.shape == (H, W, 3) and x.dtype == np.float32
+    write_image(tmp_path / "o.png", x, depth)
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(im), rgb)
+    Image.fromarray(np.stack([g, g, g], -1)).save(tmp_path / "g.png")
+    assert read_image(tmp_path / "g.png", colour=True)[0].shape == (H, W)  # gray stored as RGB stays gray
+    opaque = np.dstack([rgb, np.full((H, W), 255, np.uint8)])
+    Image.fromarray(opaque).save(tmp_path / "opaque.png")
+    assert read_image(tmp_path / "opaque.png", colour=True)[0].shape == (H, W, 3)
+    opaque[3, 4, 3] = 0
+    Image.fromarray(opaque).save(tmp_path / "holes.png")
+    with pytest.raises(ImageError, match="transparent"):
+        read_image(tmp_path / "holes.png", colour=True)
+    with pytest.raises(ImageError, match="exclusive"):
+        read_image(tmp_path / "c.png", colour=True, gray=True)
+    with pytest.raises(ValueError):
+        write_image(tmp_path / "o16.png", x, 16)  # RGB is written at 8 bits only
+
+
 def test_colour_refused_unless_gray(tmp_path):
     g = ramp(np.uint8, 255)
     Image.fromarray(np.stack([g, 255 - g, g // 2], -1)).save(tmp_path / "c.png")

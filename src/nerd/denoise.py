@@ -45,10 +45,13 @@ def default_device() -> str:
 
 
 def estimate_sigma255(y: np.ndarray) -> float:
-    """Noise std of y: float (H, W) on [0, 1], estimated by wavelet MAD (skimage), on the 0-255 scale."""
+    """Noise std of y: float (H, W) (or (H, W, C): the mean over channels) on [0, 1], estimated by wavelet MAD
+    (skimage), on the 0-255 scale."""
     from skimage.restoration import estimate_sigma
 
-    return float(estimate_sigma(np.asarray(y, dtype=np.float64), channel_axis=None)) * 255.0
+    y = np.asarray(y, dtype=np.float64)
+    channel_axis = -1 if y.ndim == 3 else None
+    return float(estimate_sigma(y, channel_axis=channel_axis, average_sigmas=True)) * 255.0
 
 
 def denoise_image(
@@ -63,11 +66,13 @@ def denoise_image(
     ensemble: int = 1,
     progress: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Denoise one grayscale image with a DEQDenoiser, whole or in overlapping tiles, optionally self-ensembled.
+    """Denoise one grayscale image with a DEQDenoiser, whole or in overlapping tiles, optionally self-ensembled; a
+    colour image channel by channel.
 
     Args:
         model: a `nerd.models.DEQDenoiser` (moved to `device`; run in eval mode, its mode restored after).
-        y: float (H, W) noisy image on [0, 1] (finite).
+        y: float (H, W) noisy image on [0, 1] (finite), or (H, W, C): each channel denoised on its own with the
+            grayscale model (AWGN of the same sigma in each channel assumed), C times the time.
         sigma255: noise std on the 0-255 scale (also for 16-bit images), 0 < sigma255 <= 255.
         solver: a `SolverConfig` overriding the model's solver (`dataclasses.replace(model.solver, ...)`).
         device: "cpu", "cuda", ...; default: CUDA when available.
@@ -82,12 +87,12 @@ def denoise_image(
         progress: a progress bar over the solves (stderr).
 
     Returns:
-        (x_hat, summary): x_hat float32 (H, W) clipped to [0, 1]; summary dict with height, width, nfe
+        (x_hat, summary): x_hat float32 (H, W) (or (H, W, C)) clipped to [0, 1]; summary dict with height, width, nfe
         (f-evaluations = iterations; the most of any tile), rel_residual and abs_residual (the largest of any tile),
-        converged (every solve), tiles (1 for a whole-image solve), tile (the side asked for; None for a whole-image
-        solve, also when the tile asked for covers the image), tile_shape
-        ((h, w) of the tiles, or None), overlap, unconverged_tiles (tiles with a solve that did not converge),
-        ensemble, tol, memory, seconds, device.
+        converged (every solve), channels (1 for a grayscale image), tiles (1 for a whole-image solve), tile (the
+        side asked for; None for a whole-image solve, also when the tile asked for covers the image), tile_shape
+        ((h, w) of the tiles, or None), overlap, unconverged_tiles (tiles with a solve that did not converge,
+        counted in every channel), ensemble, tol, memory, seconds, device.
 
     Raises:
         ValueError: y is not a finite 2-D array, sigma255 is out of range, tile < 2 x overlap, or ensemble is
@@ -101,8 +106,20 @@ def denoise_image(
     from nerd.tiling import OVERLAP, fit_memory, tiles
 
     y = np.ascontiguousarray(y, dtype=np.float32)
+    if y.ndim == 3 and y.size:  # colour: the grayscale model on each channel
+        kwargs = dict(solver=solver, device=device, tile=tile, overlap=overlap, ensemble=ensemble, progress=progress)
+        parts = [denoise_image(model, y[..., c], sigma255, **kwargs) for c in range(y.shape[2])]
+        summary = dict(parts[0][1])
+        summary.update(
+            channels=len(parts), nfe=max(p[1]["nfe"] for p in parts),
+            rel_residual=max(p[1]["rel_residual"] for p in parts),
+            abs_residual=max(p[1]["abs_residual"] for p in parts),
+            converged=all(p[1]["converged"] for p in parts), seconds=sum(p[1]["seconds"] for p in parts),
+            unconverged_tiles=sum(p[1]["unconverged_tiles"] for p in parts),
+        )
+        return np.stack([p[0] for p in parts], axis=-1), summary
     if y.ndim != 2 or y.size == 0:
-        raise ValueError(f"expected a non-empty (H, W) image, got shape {y.shape}")
+        raise ValueError(f"expected a non-empty (H, W) or (H, W, C) image, got shape {y.shape}")
     if not np.isfinite(y).all():
         raise ValueError("image has NaN or infinite pixels")
     sigma = check_sigma(sigma255)
@@ -164,6 +181,7 @@ def denoise_image(
         "rel_residual": max(float(s.rel_residual[0]) for s in solves),
         "abs_residual": max(float(s.abs_residual[0]) for s in solves),
         "converged": all(converged),
+        "channels": 1,
         "tiles": len(pieces),
         "tile": tile,
         "tile_shape": tuple(pieces[0][2].shape) if tile is not None else None,
@@ -192,27 +210,36 @@ def _bar(total: int, show: bool) -> Any:
     return tqdm(total=total, unit="solve", leave=False, file=sys.stderr, disable=not show or total < 2)
 
 
-def describe(summary: dict[str, Any]) -> str:
-    """One line: '256x256, 12 iterations, converged (rel residual 8.12e-04), 1.23 s'; for a tiled solve
-    '4000x3000 in 48 tiles of 518x596 (overlap 32), up to 17 iterations, NOT converged in 3 of 48 tiles (...)';
-    a self-ensemble adds 'x 8 symmetries' after the size."""
-    tiled = summary.get("tiles", 1) > 1
-    several = tiled or summary.get("ensemble", 1) > 1  # statistics are the worst of several solves
+def convergence(summary: dict[str, Any]) -> str:
+    """'converged (rel residual 8.12e-04)', or 'NOT converged [in k of n tiles/channels] (... > tol 1e-03)'."""
+    tiled, channels = summary.get("tiles", 1) > 1, summary.get("channels", 1)
+    several = tiled or channels > 1 or summary.get("ensemble", 1) > 1  # statistics: the worst of several solves
     if summary["converged"]:
         state = "converged"
-    elif tiled:
-        state = f"NOT converged in {summary['unconverged_tiles']} of {summary['tiles']} tiles"
+    elif tiled or channels > 1:
+        unit = "tile solves" if tiled and channels > 1 else "tiles" if tiled else "channels"
+        state = f"NOT converged in {summary['unconverged_tiles']} of {summary.get('tiles', 1) * channels} {unit}"
     else:
         state = "NOT converged"
     # two decimals: one would print a residual just above the tolerance as equal to it ("1.0e-03 > tol 1e-03")
     detail = f"{'largest ' if several else ''}rel residual {summary['rel_residual']:.2e}"
     if not summary["converged"]:
         detail += f" > tol {summary['tol']:.0e}"
+    return f"{state} ({detail})"
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One line: '256x256, 12 iterations, converged (rel residual 8.12e-04), 1.23 s'; for a tiled solve
+    '4000x3000 in 48 tiles of 518x596 (overlap 32), up to 17 iterations, NOT converged in 3 of 48 tiles (...)';
+    a colour image adds 'x 3 channels', a self-ensemble 'x 8 symmetries' after the size."""
+    several = summary.get("tiles", 1) > 1 or summary.get("channels", 1) > 1 or summary.get("ensemble", 1) > 1
     size = f"{summary['width']}x{summary['height']}"
-    if tiled:
+    if summary.get("tiles", 1) > 1:
         th, tw = summary["tile_shape"]
         size += f" in {summary['tiles']} tiles of {tw}x{th} (overlap {summary['overlap']})"
+    if summary.get("channels", 1) > 1:
+        size += f" x {summary['channels']} channels"
     if summary.get("ensemble", 1) > 1:
         size += f" x {summary['ensemble']} symmetries"
     iterations = f"{'up to ' if several else ''}{summary['nfe']} iterations"
-    return f"{size}, {iterations}, {state} ({detail}), {summary['seconds']:.2f} s"
+    return f"{size}, {iterations}, {convergence(summary)}, {summary['seconds']:.2f} s"

@@ -1,4 +1,5 @@
-"""Image files in and out: grayscale 8/16-bit PNG/TIFF, JPEG, BMP, as float arrays on the [0, 1] scale.
+"""Image files in and out: grayscale 8/16-bit PNG/TIFF, JPEG, BMP (and 8-bit RGB when asked), as float arrays on
+the [0, 1] scale.
 
 Scales: 8-bit pixels are divided by 255, 16-bit pixels by 65535; 32-bit float images (TIFF mode "F") must
 already lie in [0, 1]. `read_image` reports the bit depth (8, 16 or 32 for float) so `write_image` can write
@@ -55,17 +56,20 @@ def _png_reduced_to_8_bits(path: Path) -> bool:
             and head[24] == 16 and head[25] in (2, 4, 6))  # 2 RGB, 4 gray + alpha, 6 RGBA
 
 
-def read_image(path: str | os.PathLike[str], *, gray: bool = False) -> tuple[np.ndarray, int]:
-    """Read one image as grayscale.
+def read_image(path: str | os.PathLike[str], *, gray: bool = False, colour: bool = False) -> tuple[np.ndarray, int]:
+    """Read one image as grayscale (or, with `colour`, a colour image as its RGB channels).
 
     Args:
         path: the file.
         gray: convert a colour image to luminance (ITU-R 601 luma, 8-bit) instead of refusing it.
+        colour: return a colour image as float32 (H, W, 3) RGB (8-bit) instead of refusing it; gray images (also
+            gray stored as RGB) stay (H, W). A transparent pixel is refused (the output has no alpha).
 
     An EXIF orientation tag (cameras' JPEGs) is applied, so x is the image as viewers show it.
 
     Returns:
-        (x, depth): x float32 (H, W) in [0, 1]; depth 8, 16 or 32 (float32 input).
+        (x, depth): x float32 (H, W) in [0, 1] ((H, W, 3) for a colour image read with `colour`); depth 8, 16 or
+        32 (float32 input).
 
     Raises:
         ImageError: missing, empty, not an image, truncated/corrupt, multi-page, colour (without `gray`), a 16-bit
@@ -85,13 +89,15 @@ def read_image(path: str | os.PathLike[str], *, gray: bool = False) -> tuple[np.
             if getattr(im, "n_frames", 1) > 1:
                 raise ImageError(f"{path}: multi-page image ({im.n_frames} frames); give one image per file")
             im.load()
+            if gray and colour:
+                raise ImageError(f"{path}: gray and colour are exclusive: luminance, or each RGB channel")
             if im.format == "PNG" and not gray and _png_reduced_to_8_bits(path):
                 raise ImageError(
                     f"{path}: 16-bit PNG with colour or alpha channels, which can only be read at 8 bits here; "
                     "save it as 16-bit grayscale to keep its depth, or add --gray for its 8-bit luminance"
                 )
             im = _upright(im)
-            return _decode(im, path, gray)
+            return _decode(im, path, gray, colour)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -109,7 +115,7 @@ def _upright(im):  # noqa: ANN001, ANN202 -- a loaded PIL image
     return ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im
 
 
-def _decode(im, path: Path, gray: bool) -> tuple[np.ndarray, int]:  # noqa: ANN001 -- a loaded PIL image
+def _decode(im, path: Path, gray: bool, colour: bool) -> tuple[np.ndarray, int]:  # noqa: ANN001 -- a PIL image
     mode = im.mode
     if mode.startswith("I;16"):
         return (np.asarray(im, dtype=np.float64) / 65535.0).astype(np.float32), 16
@@ -134,15 +140,30 @@ def _decode(im, path: Path, gray: bool) -> tuple[np.ndarray, int]:  # noqa: ANN0
         channel = _gray_channels(rgb)
         if channel is not None:
             return channel.astype(np.float32) / 255.0, 8
+    if colour:
+        return _rgb(im, path), 8
     if not gray:
         raise ImageError(
-            f"{path}: colour image (mode {mode}); NERD denoises grayscale: add --gray to use its luminance"
+            f"{path}: colour image (mode {mode}); NERD denoises grayscale: add --gray to use its luminance, or "
+            "--colour to denoise each RGB channel"
         )
     try:
         lum = im.convert("RGB").convert("L")
     except Exception as err:
         raise ImageError(f"{path}: cannot convert mode {mode} to gray ({err})") from None
     return np.asarray(lum, dtype=np.float32) / 255.0, 8
+
+
+def _rgb(im, path: Path) -> np.ndarray:  # noqa: ANN001 -- a loaded PIL image
+    """A colour image as float32 (H, W, 3) RGB on [0, 1]; ImageError if it has transparent pixels."""
+    if "A" in im.mode or "a" in im.mode or "transparency" in im.info:
+        alpha = np.asarray(im.convert("RGBA"))[..., 3]
+        if (alpha < 255).any():
+            raise ImageError(f"{path}: transparent pixels; the output is RGB without alpha: flatten the image first")
+    try:
+        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except Exception as err:
+        raise ImageError(f"{path}: cannot convert mode {im.mode} to RGB ({err})") from None
 
 
 def output_format(path: str | os.PathLike[str], depth: int) -> str:
@@ -179,7 +200,8 @@ def to_pixels(x: np.ndarray, depth: int) -> np.ndarray:
 
 
 def write_image(path: str | os.PathLike[str], x: np.ndarray, depth: int = 8) -> None:
-    """Write x: float (H, W) in [0, 1] as a grayscale image of `depth` bits, format from the suffix, atomic.
+    """Write x: float (H, W) in [0, 1] as a grayscale image of `depth` bits, or (H, W, 3) as 8-bit RGB; format from
+    the suffix, atomic.
 
     Nothing is left at `path` (or beside it) if writing fails.
     """
@@ -187,8 +209,8 @@ def write_image(path: str | os.PathLike[str], x: np.ndarray, depth: int = 8) -> 
 
     path = Path(path)
     fmt = output_format(path, depth)
-    if x.ndim != 2 or not np.isfinite(x).all():
-        raise ValueError("write_image expects a finite (H, W) array")
+    if not (x.ndim == 2 or (x.ndim == 3 and x.shape[2] == 3 and depth == 8)) or not np.isfinite(x).all():
+        raise ValueError("write_image expects a finite (H, W) array, or (H, W, 3) RGB at depth 8")
     im = Image.fromarray(to_pixels(x, depth))
     options = {"quality": 95} if fmt == "JPEG" else {}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

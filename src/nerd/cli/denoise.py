@@ -24,6 +24,8 @@ several inputs or a folder: -o is a folder (created if its parent exists), outpu
 large images: a whole-image solve needs about 12 KB a pixel with the shipped weights (8 GB for 1024x644);
 with --tile auto an image that would not fit is solved in tiles (said in its report line), whose result
 differs slightly from a whole-image solve (see the README, "Large images: tiles").
+colour images: refused unless --gray (their luminance, denoised) or --colour (each RGB channel denoised on its
+own by the grayscale model, assuming the same noise level in each; NERD itself is a grayscale denoiser).
 exit status 2 on bad input, with one line on stderr and no output written.
 """
 
@@ -49,6 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--gray", action="store_true", help="convert colour images to luminance instead of refusing"
+    )
+    p.add_argument(
+        "--colour", "--color", action="store_true",
+        help="denoise each RGB channel of a colour image with the grayscale model (8-bit RGB out; 3x the time)",
     )
     p.add_argument("--iters", metavar="N", help="solver iterations cap (overrides the weights' max_iter)")
     p.add_argument(
@@ -282,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
         SAMPLE_CLEAN,
         SAMPLE_SIGMA,
         DenoiseError,
+        convergence,
         default_device,
         denoise_image,
         describe,
@@ -290,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
     from nerd.io import ImageError, output_format, read_image, to_pixels, write_image
     from nerd.metrics import psnr as psnr_db
 
+    if args.gray and args.colour:
+        raise UserError("give --gray (luminance) or --colour (each RGB channel), not both")
     sigma = _parse_sigma(args.sigma)
     iters = _number(args.iters, "--iters", int, 1)
     tol = _number(args.tol, "--tol", float, 0)
@@ -317,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     cached: dict[Path, Any] = {}
     for job in jobs:  # validate every image (fully decoded) and its output format before writing anything
         try:
-            y, job.depth = read_image(job.src, gray=args.gray)
+            y, job.depth = read_image(job.src, gray=args.gray, colour=args.colour)
             output_format(job.dst, job.depth)
         except ImageError as err:
             raise UserError(str(err)) from None
@@ -351,11 +360,11 @@ def run(args: argparse.Namespace) -> int:
         y = cached.pop(job.src, None)
         if y is None:
             try:
-                y, _ = read_image(job.src, gray=args.gray)
+                y, _ = read_image(job.src, gray=args.gray, colour=args.colour)
             except ImageError as err:  # changed since validation
                 raise UserError(str(err)) from None
         sigma_in = job.sigma if job.sigma > 0 else models[job.weights][1]["sigma"]
-        tile, why = _tile_for(y.shape, tile_choice, model, solver, device)
+        tile, why = _tile_for(y.shape[:2], tile_choice, model, solver, device)
         if why:
             say(f"{job.src.name}: {why}")
         try:
@@ -369,14 +378,7 @@ def run(args: argparse.Namespace) -> int:
         allocator.release()  # freed memory back to the kernel between images
         say(f"{job.src.name}: {describe(summary)} -> {job.dst}")
         if not summary["converged"] and args.quiet:
-            tiled = summary["tiles"] > 1
-            where = f" in {summary['unconverged_tiles']} of {summary['tiles']} tiles" if tiled else ""
-            largest = "largest " if tiled or ensemble > 1 else ""
-            print(
-                f"warning: {job.src.name}: solver NOT converged{where} "
-                f"({largest}rel residual {summary['rel_residual']:.2e} > tol {summary['tol']:.0e})",
-                file=sys.stderr,
-            )
+            print(f"warning: {job.src.name}: solver {convergence(summary)}", file=sys.stderr)
         if args.sample:
             clean, _ = read_image(SAMPLE_CLEAN)
             out = to_pixels(x_hat, 8).astype("float32") / 255.0
