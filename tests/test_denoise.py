@@ -204,6 +204,7 @@ def _bad_inputs(tmp: Path, noisy: Path, weights: Path) -> dict[str, tuple[list[o
     (bad / "header.safetensors").write_bytes(bytes(header))
     (bad / "afile").write_text("x")
     (bad / "sub" / noisy.name).mkdir(parents=True)  # a folder where the output file would go
+    Image.fromarray(np.full((30, 1), 128, np.uint8)).save(bad / "thin.png")
     out = tmp / "out"
     w = ["--weights", weights]
     return {
@@ -251,6 +252,7 @@ def _bad_inputs(tmp: Path, noisy: Path, weights: Path) -> dict[str, tuple[list[o
         "tile 0": ([noisy, "-o", out / "o.png", *w, "--tile", 0], "at least 64"),
         "bad cuda device": ([noisy, "-o", out / "o.png", *w, "--device", "cuda:x"], "cuda:N"),
         "ensemble 3": ([noisy, "-o", out / "o.png", *w, "--ensemble", 3], "--ensemble"),
+        "sigma auto on a thin image": ([bad / "thin.png", "-o", out / "o.png", *w, "--sigma", "auto"], "too small"),
     }
 
 
@@ -290,6 +292,7 @@ CASES = [
     "tile 0",
     "bad cuda device",
     "ensemble 3",
+    "sigma auto on a thin image",
 ]
 
 

@@ -22,6 +22,7 @@ SAMPLE_NOISY = ASSETS / "sample_noisy.png"
 SAMPLE_CLEAN = ASSETS / "sample_clean.png"
 SAMPLE_SIGMA = 25.0
 MAX_SIGMA = 255.0
+MIN_ESTIMATE_SIDE = 8  # the wavelet estimate of sigma needs a few detail coefficients along both axes
 ENSEMBLES = (1, 2, 4, 8)  # self-ensemble sizes: the first n of the square's 8 symmetries (nerd.data.patches.dihedral)
 
 
@@ -50,6 +51,9 @@ def estimate_sigma255(y: np.ndarray) -> float:
     from skimage.restoration import estimate_sigma
 
     y = np.asarray(y, dtype=np.float64)
+    if min(y.shape[:2]) < MIN_ESTIMATE_SIDE:
+        raise ValueError(f"a {y.shape[1]}x{y.shape[0]} image is too small to estimate its noise level "
+                         f"(needs {MIN_ESTIMATE_SIDE} pixels a side); give sigma")
     channel_axis = -1 if y.ndim == 3 else None
     return float(estimate_sigma(y, channel_axis=channel_axis, average_sigmas=True)) * 255.0
 

@@ -331,7 +331,10 @@ def run(args: argparse.Namespace) -> int:
         except ImageError as err:
             raise UserError(str(err)) from None
         if sigma == "auto":
-            job.sigma = estimate_sigma255(y)
+            try:
+                job.sigma = estimate_sigma255(y)
+            except ValueError as err:
+                raise UserError(f"{job.src}: --sigma auto: {err}") from None
             job.weights = args.weights or _nearest_shipped(job.sigma)
             trained = models[job.weights][1]["sigma"] if job.weights in models else _trained_sigma(job.weights)
             far = f" (trained for sigma {trained:g}: the nearest there is)" if abs(trained - job.sigma) > 5 else ""
