@@ -25,7 +25,7 @@
 # run whose best validation PSNR beats that figure (set it to the shipped file's, so that only a candidate for
 # shipping is scored) with `nerd eval` on EVAL_SETS at its sigma, until EVAL_DEADLINE; copy the sets first:
 #   cp -r ../shared/data/Set12 ../shared/data/BSD68 device_data/
-# e.g. RUNS=s25w MINUTES=6.5 DEADLINE=450 EVAL_ABOVE=27.4942 EVAL_DEADLINE=585 (timeout_s 600). The reports come back
+# e.g. RUNS=s25w MINUTES=6.5 DEADLINE=450 EVAL_ABOVE=27.4942 EVAL_DEADLINE=570 (timeout_s 600). The reports come back
 # as $OUT/eval-NAME.tgz (a set cut off at the deadline leaves its .partial file, which `nerd eval` continues).
 set -u
 OUT=${OUT:-gpu_out}
@@ -96,7 +96,8 @@ while [ -n "$(jobs -r)" ]; do  # poll often (the archives must be written before
 done
 wait
 pack() {  # pack ARCHIVE DIR NAME...: tar NAMEs (in DIR) into $OUT/ARCHIVE, in 15 MiB parts when larger
-  tar czf "$OUT/$1" -C "$2" "${@:3}" || return
+  tar czf "$OUT/$1" -C "$2" "${@:3}"  # a warning (exit 1) still leaves an archive worth returning
+  [ -s "$OUT/$1" ] || return
   if [ "$(stat -c %s "$OUT/$1")" -gt $((15 * 1024 * 1024)) ]; then
     split -b 15M -d "$OUT/$1" "$OUT/$1.part-" && rm "$OUT/$1"
     echo "$1: larger than 15 MiB, returned in parts (cat $1.part-* > $1)" >>"$log"
@@ -105,24 +106,30 @@ pack() {  # pack ARCHIVE DIR NAME...: tar NAMEs (in DIR) into $OUT/ARCHIVE, in 1
 for r in $RUNS; do
   name=nerd-$r-gpu
   tail -n 3 "gpu_runs/$name/val.csv" >>"$log" 2>/dev/null
+  [ -d "gpu_runs/$name" ] || { echo "$name: no run folder (never started)" >>"$log"; continue; }
   pack "$name.tgz" gpu_runs "$name" "$name.log"
 done
-# Score the candidates: best validation PSNR after training began (val.csv's 5th column, step > 0: a stage that
-# starts from an init validates it at step 0 and writes best.safetensors from it, so step 0 alone would score the
-# init) above EVAL_ABOVE.
+# Score the candidates: best.safetensors holds the best validation row (val.csv's 5th column), step 0 included (a
+# stage that starts from an init validates it at step 0 and writes best.safetensors from it, replaced only by a
+# strictly better step). Score it only when that best row is after step 0 (trained weights, not the init) and its
+# PSNR is above EVAL_ABOVE.
 for r in ${EVAL_ABOVE:+$RUNS}; do
   name=nerd-$r-gpu
-  best=$(tail -n +2 "gpu_runs/$name/val.csv" 2>/dev/null | awk -F, '$1 > 0' | cut -d, -f5 | sort -g | tail -n 1)
+  row=$(tail -n +2 "gpu_runs/$name/val.csv" 2>/dev/null | sort -t, -k5,5gr -s | head -n 1)  # ties: the earliest, as kept
+  best=$(echo "$row" | cut -d, -f5)
+  step=$(echo "$row" | cut -d, -f1)
   sigma=$(tail -n +2 "gpu_runs/$name/val.csv" 2>/dev/null | head -n 1 | cut -d, -f4)
   left=$((EVAL_DEADLINE - ($(date +%s) - start)))
-  if [ ! -f "gpu_runs/$name/best.safetensors" ] || ! awk -v b="${best:-0}" -v a="$EVAL_ABOVE" 'BEGIN{exit !(b > a)}'; then
-    echo "$name: best validation ${best:-none} dB, not above $EVAL_ABOVE: not scored" >>"$log"
+  if [ ! -f "gpu_runs/$name/best.safetensors" ] || [ "${step:-0}" = 0 ] \
+    || ! awk -v b="${best:-0}" -v a="$EVAL_ABOVE" 'BEGIN{exit !(b > a)}'; then
+    echo "$name: best validation ${best:-none} dB at step ${step:-none}: not a trained step above $EVAL_ABOVE," \
+      "not scored" >>"$log"
   elif [ "$left" -le 10 ]; then
     echo "$name: best validation $best dB, no time left to score it" >>"$log"
   else
     echo "$name: best validation $best dB > $EVAL_ABOVE: nerd eval on $EVAL_SETS at sigma $sigma" >>"$log"
     # shellcheck disable=SC2086  # EVAL_SETS is a list
-    timeout -k 20 -s TERM "$left" python3 -c "$PY" eval --method nerd --weights "gpu_runs/$name/best.safetensors" \
+    timeout -k 5 -s TERM "$left" python3 -c "$PY" eval --method nerd --weights "gpu_runs/$name/best.safetensors" \
       --sets $EVAL_SETS --sigma "$sigma" --data device_data --device "$DEVICE" --out "gpu_runs/eval-$name" \
       --no-progress ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} >>"$log" 2>&1
     echo "$name: eval rc $? after $(($(date +%s) - start)) s" >>"$log"

@@ -414,6 +414,8 @@ def test_colour_is_each_channel_denoised_alone(capsys, tmp_path, weights):
     for c in range(3):
         np.testing.assert_array_equal(x[..., c], denoise_image(model, y[..., c], 25, solver=solver, device="cpu")[0])
     assert "x 3 channels" in describe(s)
+    with pytest.raises(ValueError, match="channels-last"):  # a channels-first array is not 16 channels of 1 row
+        denoise_image(model, y[None, ..., 0], 25, device="cpu")  # (1, H, W)
     img = (np.random.RandomState(5).rand(H, W, 3) * 255).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "c.png")
     base = ["denoise", tmp_path / "c.png", "--weights", weights, "--sigma", 25, "--iters", 2]

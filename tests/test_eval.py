@@ -274,13 +274,15 @@ def test_cli_eval_user_errors_exit_2(
     assert message in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU this machine lacks")
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU this machine lacks")
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["validate", "nerd-s25", "--device", "cuda"], "no CUDA GPU"),
+    pytest.param(["validate", "nerd-s25", "--device", "cuda"], "no CUDA GPU", marks=NO_GPU),
     (["validate", "nerd-s25", "--device", "tpu"], "cpu, cuda or cuda:N"),
     (["validate", "nerd-s25", "--sigma", "-3"], "sigma must be in (0, 255]"),
-    (["eval", "--method", "noisy", "--device", "cuda"], "no CUDA GPU"),
-    (["train", "--config", "configs/quick-tiny.toml", "--device", "cuda:1"], "no CUDA GPU"),
+    pytest.param(["eval", "--method", "noisy", "--device", "cuda"], "no CUDA GPU", marks=NO_GPU),
+    pytest.param(["train", "--config", "configs/quick-tiny.toml", "--device", "cuda:1"], "no CUDA GPU", marks=NO_GPU),
 ])
 def test_cli_device_and_sigma_refusals_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
                                                message: str) -> None:

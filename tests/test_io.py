@@ -76,13 +76,32 @@ def png16(path, pixels: np.ndarray, colour_type: int) -> None:
                      + chunk(b"IEND", b""))
 
 
-def test_16bit_colour_png_is_refused_not_cut_to_8_bits(tmp_path):
+def tiff16_rgb(path, pixels: np.ndarray) -> None:
+    """Write an uncompressed 16-bit RGB TIFF by hand (Pillow cannot write one): pixels (H, W, 3) uint16."""
+    h, w, _ = pixels.shape
+    data = pixels.astype("<u2").tobytes()
+    n, ifd = 10, 8
+    bits_at = ifd + 2 + 12 * n + 4
+    data_at = bits_at + 6
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, bits_at), (259, 3, 1, 1), (262, 3, 1, 2),
+               (273, 4, 1, data_at), (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(data)), (284, 3, 1, 1)]
+    out = b"II*\0" + struct.pack("<IH", ifd, n)
+    for tag, kind, count, value in entries:  # SHORT values sit left-aligned in the 4-byte field
+        inline = kind == 3 and count == 1
+        out += struct.pack("<HHI", tag, kind, count) + (struct.pack("<HH", value, 0) if inline else
+                                                        struct.pack("<I", value))
+    path.write_bytes(out + struct.pack("<I", 0) + struct.pack("<HHH", 16, 16, 16) + data)
+
+
+def test_16bit_colour_png_and_tiff_are_refused_not_cut_to_8_bits(tmp_path):
     g = ramp(np.uint16, 65535) * 9
     png16(tmp_path / "rgb.png", np.stack([g, g, g], -1), 2)  # gray stored as 16-bit RGB
     png16(tmp_path / "la.png", np.stack([g, np.full_like(g, 65535)], -1), 4)  # 16-bit gray + alpha
-    for name in ("rgb.png", "la.png"):
-        with pytest.raises(ImageError, match="16-bit PNG with colour or alpha"):
-            read_image(tmp_path / name)
+    tiff16_rgb(tmp_path / "rgb.tif", np.stack([g, g, g], -1))
+    for name in ("rgb.png", "la.png", "rgb.tif"):
+        for colour in (False, True):
+            with pytest.raises(ImageError, match="16-bit (PNG|TIFF) with colour or alpha"):
+                read_image(tmp_path / name, colour=colour)
         x, depth = read_image(tmp_path / name, gray=True)  # --gray: its 8-bit luminance, as for any colour image
         assert depth == 8 and x.shape == (H, W)
         np.testing.assert_allclose(x, (g >> 8) / 255.0, atol=1 / 255)

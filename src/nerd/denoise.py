@@ -24,6 +24,7 @@ SAMPLE_SIGMA = 25.0
 MAX_SIGMA = 255.0
 MIN_ESTIMATE_SIDE = 8  # the wavelet estimate of sigma needs a few detail coefficients along both axes
 ENSEMBLES = (1, 2, 4, 8)  # self-ensemble sizes: the first n of the square's 8 symmetries (nerd.data.patches.dihedral)
+MAX_CHANNELS = 4  # (H, W, C) is channels-last colour; a channels-first (1, H, W) array must not pass as W channels
 
 
 class DenoiseError(RuntimeError):
@@ -99,8 +100,8 @@ def denoise_image(
         counted in every channel), ensemble, tol, memory, seconds, device.
 
     Raises:
-        ValueError: y is not a finite 2-D array, sigma255 is out of range, tile < 2 x overlap, or ensemble is
-            not one of 1, 2, 4, 8.
+        ValueError: y is not a finite (H, W) or (H, W, C <= 4) array, sigma255 is out of range, tile < 2 x
+            overlap, or ensemble is not one of 1, 2, 4, 8.
         DenoiseError: the output has non-finite values.
     """
     import torch
@@ -110,7 +111,7 @@ def denoise_image(
     from nerd.tiling import OVERLAP, fit_memory, tiles
 
     y = np.ascontiguousarray(y, dtype=np.float32)
-    if y.ndim == 3 and y.size:  # colour: the grayscale model on each channel
+    if y.ndim == 3 and y.size and y.shape[2] <= MAX_CHANNELS:  # colour: the grayscale model on each channel
         kwargs = dict(solver=solver, device=device, tile=tile, overlap=overlap, ensemble=ensemble, progress=progress)
         parts = [denoise_image(model, y[..., c], sigma255, **kwargs) for c in range(y.shape[2])]
         summary = dict(parts[0][1])
@@ -123,7 +124,8 @@ def denoise_image(
         )
         return np.stack([p[0] for p in parts], axis=-1), summary
     if y.ndim != 2 or y.size == 0:
-        raise ValueError(f"expected a non-empty (H, W) or (H, W, C) image, got shape {y.shape}")
+        raise ValueError(f"expected a non-empty (H, W) or channels-last (H, W, C <= {MAX_CHANNELS}) image, got "
+                         f"shape {y.shape}")
     if not np.isfinite(y).all():
         raise ValueError("image has NaN or infinite pixels")
     sigma = check_sigma(sigma255)
@@ -221,7 +223,7 @@ def convergence(summary: dict[str, Any]) -> str:
     if summary["converged"]:
         state = "converged"
     elif tiled or channels > 1:
-        unit = "tile solves" if tiled and channels > 1 else "tiles" if tiled else "channels"
+        unit = "tiles x channels" if tiled and channels > 1 else "tiles" if tiled else "channels"
         state = f"NOT converged in {summary['unconverged_tiles']} of {summary.get('tiles', 1) * channels} {unit}"
     else:
         state = "NOT converged"

@@ -47,9 +47,16 @@ def _gray_channels(rgb: np.ndarray) -> np.ndarray | None:
     return r if np.array_equal(r, g) and np.array_equal(g, b) else None
 
 
-def _png_reduced_to_8_bits(path: Path) -> bool:
-    """A 16-bit PNG with colour or alpha channels: Pillow opens it as 8-bit RGB(A), dropping the low 8 bits.
-    (Its IHDR chunk, right after the 8-byte signature: bit depth at byte 24, colour type at byte 25.)"""
+def _reduced_to_8_bits(im, path: Path) -> bool:  # noqa: ANN001 -- an open PIL image
+    """A 16-bit image with colour or alpha channels, which Pillow opens as 8-bit RGB(A), dropping the low 8 bits.
+    PNG: its IHDR chunk, right after the 8-byte signature (bit depth at byte 24, colour type at byte 25); TIFF: the
+    BitsPerSample tag (258), one entry a channel."""
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258, (8,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        return len(bits) > 1 and max(bits) > 8
+    if im.format != "PNG":
+        return False
     with open(path, "rb") as fh:
         head = fh.read(26)
     return (len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
@@ -72,8 +79,9 @@ def read_image(path: str | os.PathLike[str], *, gray: bool = False, colour: bool
         32 (float32 input).
 
     Raises:
-        ImageError: missing, empty, not an image, truncated/corrupt, multi-page, colour (without `gray`), a 16-bit
-            colour or alpha PNG (without `gray`), non-finite or out-of-range pixels, unsupported pixel format.
+        ImageError: missing, empty, not an image, truncated/corrupt, multi-page, colour (without `gray` or
+            `colour`), a 16-bit colour or alpha PNG/TIFF (without `gray`), transparent pixels (with `colour`),
+            non-finite or out-of-range pixels, unsupported pixel format.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -91,10 +99,11 @@ def read_image(path: str | os.PathLike[str], *, gray: bool = False, colour: bool
             im.load()
             if gray and colour:
                 raise ImageError(f"{path}: gray and colour are exclusive: luminance, or each RGB channel")
-            if im.format == "PNG" and not gray and _png_reduced_to_8_bits(path):
+            if not gray and _reduced_to_8_bits(im, path):
                 raise ImageError(
-                    f"{path}: 16-bit PNG with colour or alpha channels, which can only be read at 8 bits here; "
-                    "save it as 16-bit grayscale to keep its depth, or add --gray for its 8-bit luminance"
+                    f"{path}: 16-bit {im.format} with colour or alpha channels, which can only be read at 8 bits "
+                    "here; save it as 16-bit grayscale to keep its depth (or as 8-bit RGB for --colour), or add "
+                    "--gray for its 8-bit luminance"
                 )
             im = _upright(im)
             return _decode(im, path, gray, colour)
@@ -110,9 +119,17 @@ def read_image(path: str | os.PathLike[str], *, gray: bool = False, colour: bool
 def _upright(im):  # noqa: ANN001, ANN202 -- a loaded PIL image
     """The image as it is displayed: a camera's EXIF orientation tag applied (written files carry no EXIF, so
     without this a rotated JPEG would come back turned)."""
+    import warnings
+
     from PIL import ImageOps
 
-    return ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im
+    with warnings.catch_warnings():  # a damaged EXIF block makes Pillow warn; the pixels are what matter here
+        warnings.simplefilter("ignore")
+        try:
+            turned = im.getexif().get(0x0112, 1) != 1
+        except Exception:  # unreadable EXIF: take the pixels as stored
+            return im
+        return ImageOps.exif_transpose(im) if turned else im
 
 
 def _decode(im, path: Path, gray: bool, colour: bool) -> tuple[np.ndarray, int]:  # noqa: ANN001 -- a PIL image

@@ -9,6 +9,7 @@ there: the images already written are complete, the failing one and the rest are
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -43,8 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sigma",
         metavar="SIGMA|auto",
-        help="noise std on the 0-255 scale (picks weights nerd-s<SIGMA>), or 'auto' to estimate it; "
-        "default: the --weights' training sigma",
+        help="noise std on the 0-255 scale (picks the shipped weights trained for the nearest sigma), or 'auto' "
+        "to estimate it; default: the --weights' training sigma",
     )
     p.add_argument(
         "--weights", metavar="NAME|PATH", help="shipped weights name (see `nerd info`) or a .safetensors"
@@ -111,8 +112,8 @@ def _number(text: str | None, option: str, kind: type, low: float) -> Any:
 
 
 def _parse_sigma(text: str | None) -> float | str | None:
-    from nerd.cli import UserError
-    from nerd.denoise import MAX_SIGMA
+    """--sigma: None (not given), 'auto', or a noise level in (0, 255]."""
+    from nerd.cli import UserError, check_sigma
 
     if text is None or text.lower() == "auto":
         return None if text is None else "auto"
@@ -120,9 +121,7 @@ def _parse_sigma(text: str | None) -> float | str | None:
         sigma = float(text)
     except ValueError:
         raise UserError(f"--sigma must be a number on the 0-255 scale or 'auto', got {text!r}") from None
-    if not math.isfinite(sigma) or sigma <= 0 or sigma > MAX_SIGMA:
-        raise UserError(f"--sigma must be in (0, {MAX_SIGMA:g}] on the 0-255 scale, got {text!r}")
-    return sigma
+    return check_sigma(sigma)
 
 
 def _parse_tile(text: str) -> int | str | None:
@@ -240,28 +239,36 @@ def _plan(files: list[Path], batch: bool, out: str | None) -> tuple[list[Job], P
     return jobs, create
 
 
+def _shipped_sigmas() -> dict[str, float]:
+    """Training sigma of each shipped weights file, from its metadata."""
+    from nerd.weights import shipped
+
+    return _sigmas_of(tuple(shipped().items()))
+
+
+@functools.lru_cache(maxsize=4)
+def _sigmas_of(files: tuple[tuple[str, Path], ...]) -> dict[str, float]:
+    """{name: training sigma} of these weights files (cached: every image of a folder asks)."""
+    from nerd.weights import WeightsError, read_metadata
+
+    sigmas = {}
+    for name, path in files:
+        try:
+            sigmas[name] = float(read_metadata(path)["sigma"])
+        except (WeightsError, KeyError, ValueError):
+            continue
+    return sigmas
+
+
 def _nearest_shipped(sigma: float) -> str:
     """Name of the shipped weights whose training sigma is nearest `sigma` (on a tie the higher sigma: weights
     for a little more noise than there is cost less PSNR than the other way round)."""
     from nerd.cli import UserError
-    from nerd.weights import WeightsError, read_metadata, shipped
 
-    trained: dict[str, float] = {}
-    for name in shipped():
-        try:
-            trained[name] = float(read_metadata(name)["sigma"])
-        except (WeightsError, KeyError, ValueError):
-            continue
+    trained = _shipped_sigmas()
     if not trained:
         raise UserError("no shipped weights are installed to choose from; give --weights NAME|PATH")
     return min(trained, key=lambda name: (abs(trained[name] - sigma), -trained[name]))
-
-
-def _trained_sigma(name: str) -> float:
-    """The training sigma in a shipped weights file's metadata."""
-    from nerd.weights import read_metadata
-
-    return float(read_metadata(name)["sigma"])
 
 
 def _load(name: str, device: str, cache: dict[str, tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any]]:
@@ -336,8 +343,10 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as err:
                 raise UserError(f"{job.src}: --sigma auto: {err}") from None
             job.weights = args.weights or _nearest_shipped(job.sigma)
-            trained = models[job.weights][1]["sigma"] if job.weights in models else _trained_sigma(job.weights)
-            far = f" (trained for sigma {trained:g}: the nearest there is)" if abs(trained - job.sigma) > 5 else ""
+            trained = models[job.weights][1]["sigma"] if args.weights else _shipped_sigmas()[job.weights]
+            far = ""
+            if abs(trained - job.sigma) > 5:
+                far = f" (trained for sigma {trained:g}{'' if args.weights else ': the nearest there is'})"
             flat = " (the image looks noise-free or flat)" if job.sigma < 1 else ""
             say(f"{job.src.name}: estimated sigma {job.sigma:.1f}{flat} (0-255 scale) -> weights {job.weights}{far}")
         else:

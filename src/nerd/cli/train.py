@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--data", help="training folder (default: $NERD_DATA/Train400 or ../shared/data/Train400)")
     p.add_argument("--steps", type=int, help="override the total optimiser steps")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", metavar="cpu|cuda[:N]", help="default: cuda when available")
     p.add_argument("--max-minutes", type=float, help="stop with a checkpoint after this many minutes")
     p.add_argument("--max-cpu-minutes", type=float,
                    help="stop with a checkpoint once the run has used this much process CPU time in total")

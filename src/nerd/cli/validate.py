@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="training folder (default: $NERD_DATA/Train400 or ../shared/data/Train400)")
     p.add_argument("--val-images", type=int, default=8, help="images held out: the last N by name (default 8)")
     p.add_argument("--val-crop", type=int, default=96, help="centre-crop side, 0 for whole images (default 96)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]", help="default: cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: PyTorch's default)")
     p.add_argument("--json", help="also write the rows to this JSON file")
 
