@@ -3,10 +3,11 @@
     python scripts/ensemble_check.py --sigma 25 --threads 1     # about 25 minutes a sigma on one core
 
 The 8 validation images held out of Train400 (whole, 180x180, never a test set; noise drawn as the training runs'
-validation draws it, from RandomState(i) for image i, though the runs validate on 96x96 centre crops), the shipped weights of each sigma with their solver. Each image is solved once on each of the square's 8
-symmetries (`nerd.data.patches.dihedral`) and turned back; the result for N is the mean of the first N, which is
-what `denoise_image(..., ensemble=N)` computes (tests/test_denoise.py checks that), and its time is the sum of
-those N solves. Writes results/bench/ensemble.json, which `python -m nerd.readme` renders into the README.
+validation draws it, from RandomState(i) for image i, though the runs validate on 96x96 centre crops), the shipped
+weights of each sigma with their solver. Each image is solved once on each of the square's 8 symmetries
+(`nerd.data.patches.dihedral`) and turned back; the result for N is the mean of the first N, which is what
+`denoise_image(..., ensemble=N)` computes (tests/test_denoise.py checks that), and its time is the sum of those N
+solves. Writes results/bench/ensemble.json, which `python -m nerd.readme` renders into the README.
 """
 
 from __future__ import annotations

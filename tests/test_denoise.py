@@ -429,6 +429,39 @@ def test_colour_is_each_channel_denoised_alone(capsys, tmp_path, weights):
     assert rc == 2 and "not both" in err
 
 
+def test_progress_bar_counts_f_evaluations_and_changes_nothing(monkeypatch):
+    import contextlib
+
+    import nerd.denoise
+
+    class Bar(contextlib.nullcontext):  # records what the real bar would show
+        def __init__(self) -> None:
+            super().__init__()
+            self.n, self.ticks = 0, 0
+
+        def __enter__(self) -> Bar:
+            return self
+
+        def update(self, k: int | None = None) -> None:  # no argument: one f-evaluation (the hook)
+            self.ticks += k is None
+            self.n += 1 if k is None else k
+
+    bars: list[tuple[int, Bar]] = []
+    monkeypatch.setattr(nerd.denoise, "_bar", lambda total, show: bars.append((total, Bar())) or bars[-1][1])
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    y = np.random.RandomState(6).rand(H, W).astype(np.float32)
+    for tol in (0.0, 0.9):  # every step taken; a loose tolerance: solves stop early and the bar jumps ahead
+        solver = replace(model.solver, max_iter=5, memory=5, tol=tol)
+        shown, s = denoise_image(model, y, 25, solver=solver, device="cpu", progress=True, ensemble=2)
+        total, bar = bars[-1]
+        assert total == 10 and bar.n == 10  # 2 solves x 5 f-evaluations at most
+        assert bar.ticks == 10 if tol == 0 else 2 <= bar.ticks < 10, bar.ticks
+    assert not model.layer._forward_hooks  # the hook is gone afterwards
+    again, _ = denoise_image(model, y, 25, solver=solver, device="cpu", ensemble=2)
+    np.testing.assert_array_equal(shown, again)
+
+
 def test_cli_ensemble(capsys, tmp_path, noisy, weights):
     rc, out, err = cli(capsys, "denoise", noisy, "-o", tmp_path / "o.png", "--weights", weights, "--sigma", 25,
                        "--device", "cpu", "--iters", 2, "--ensemble", 2)

@@ -10,8 +10,10 @@ H W (about 12 KB a pixel with the shipped weights). Images too large for memory 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +151,8 @@ def denoise_image(
             y_t = torch.from_numpy(y).to(dev)
             acc = torch.zeros_like(y_t) if tile is not None else None
             norm = torch.zeros_like(y_t) if tile is not None else None
-            with _bar(len(pieces) * ensemble, progress) as bar:
+            solves = len(pieces) * ensemble
+            with _bar(solves * solver.max_iter, progress) as bar, _ticks(model, bar, progress):
                 for rows, cols, weight in pieces:
                     part, x = y_t[rows, cols][None, None], None
                     stats.append([])
@@ -159,9 +162,10 @@ def denoise_image(
                         x = x_k if x is None else x + x_k
                         stats[-1].append(eq.stats)
                         del eq, x_k
-                        if len(pieces) * ensemble > 1:
+                        if solves > 1:
                             allocator.release()  # else each solve fragments the heap further (peak +20 % tiled)
-                        bar.update()
+                        done = sum(map(len, stats)) * solver.max_iter
+                        bar.update(done - bar.n)  # a solve that stopped early: on to the next one's start
                     x = x / ensemble
                     if acc is None:
                         acc = x
@@ -208,12 +212,29 @@ def denoise_image(
 
 
 def _bar(total: int, show: bool) -> Any:
-    """A tqdm bar over the solves (tiles x symmetries) on stderr (silent for one solve or when not asked)."""
+    """A tqdm bar over the f-evaluations that the solves may take (tiles x symmetries x max_iter) on stderr, gone
+    when done; silent when not asked."""
     import sys
 
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="solve", leave=False, file=sys.stderr, disable=not show or total < 2)
+    return tqdm(total=total, unit="f-eval", leave=False, file=sys.stderr, disable=not show)
+
+
+@contextlib.contextmanager
+def _ticks(model: Any, bar: Any, show: bool) -> Iterator[None]:
+    """Advance `bar` at every f-evaluation: a forward hook on the model's implicit layer (the solver engine knows
+    nothing of progress bars, and a whole-image solve can take minutes)."""
+    def tick(*_: Any) -> None:  # returns None: a forward hook's return value would replace the layer's output
+        bar.update()
+
+    layer = getattr(model, "layer", None)
+    handle = layer.register_forward_hook(tick) if show and layer is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def convergence(summary: dict[str, Any]) -> str:
