@@ -44,17 +44,19 @@ def implicit_grad(f: Map, z_star: Tensor, *, backward: SolverConfig) -> tuple[Te
     Returns z = f(z*) (equal to z* at the equilibrium) whose backward pass solves w = v + J_f(z*)^T w with the
     `backward` solver, and a list that receives that solve's statistics once backward has run.
     """
-    z_star = z_star.detach()
-    z = f(z_star)
+    # One f-evaluation serves both: backward reaches the parameters through z's graph, and the hook asks the same
+    # graph for J^T w (inputs=z0 only, so those calls leave the parameters' .grad alone).
+    z0 = z_star.detach().requires_grad_(torch.is_grad_enabled())
+    z = f(z0)
     backward_stats: list[SolverStats] = []
     if not z.requires_grad:
         return z, backward_stats
-    z0 = z_star.clone().requires_grad_()
-    f0 = f(z0)
 
     def hook(v: Tensor) -> Tensor:
+        handle.remove()  # the J^T w calls below start from z too: without this the hook would call itself
+
         def vjp_map(w: Tensor) -> Tensor:
-            (jtw,) = torch.autograd.grad(f0, z0, w, retain_graph=True)
+            (jtw,) = torch.autograd.grad(z, z0, w, retain_graph=True)
             return jtw + v
 
         with torch.enable_grad():
@@ -62,7 +64,7 @@ def implicit_grad(f: Map, z_star: Tensor, *, backward: SolverConfig) -> tuple[Te
         backward_stats.append(stats)
         return w.detach()
 
-    z.register_hook(hook)
+    handle = z.register_hook(hook)
     return z, backward_stats
 
 
