@@ -159,7 +159,8 @@ def plot_curve(run: Path) -> Path | None:
 
 def _param_groups(model: DEQDenoiser) -> tuple[list[str], list[str]]:
     """Parameter names with weight decay and without (biases, norms, weight norm's magnitudes), in the order
-    AdamW numbers them."""
+    AdamW numbers them. Weight norm's directions (`original1`) are decayed: w does not depend on their length, so
+    decay only shortens them and so raises their effective step size, as for weights followed by a norm layer."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or "original0" in name else decay).append(name)
