@@ -91,7 +91,7 @@ def denoise_image(
         ensemble: 1 (default), 2, 4 or 8: the mean of that many solves of each tile (or of the whole image), each
             on one of the square's symmetries (`dihedral(., k)` for k < ensemble: quarter turns, then flips) and
             turned back; n times the time, the memory of one solve.
-        progress: a progress bar over the solves (stderr).
+        progress: a progress bar over the solves' f-evaluations (stderr).
 
     Returns:
         (x_hat, summary): x_hat float32 (H, W) (or (H, W, C)) clipped to [0, 1]; summary dict with height, width, nfe
@@ -183,13 +183,13 @@ def denoise_image(
     finally:
         model.train(was_training)
     converged = [all(bool(s.converged[0]) for s in tile_stats) for tile_stats in stats]
-    solves = [s for tile_stats in stats for s in tile_stats]
+    every = [s for tile_stats in stats for s in tile_stats]  # every solve's statistics
     summary: dict[str, Any] = {
         "height": int(y.shape[0]),
         "width": int(y.shape[1]),
-        "nfe": max(int(s.nfe[0]) for s in solves),
-        "rel_residual": max(float(s.rel_residual[0]) for s in solves),
-        "abs_residual": max(float(s.abs_residual[0]) for s in solves),
+        "nfe": max(int(s.nfe[0]) for s in every),
+        "rel_residual": max(float(s.rel_residual[0]) for s in every),
+        "abs_residual": max(float(s.abs_residual[0]) for s in every),
         "converged": all(converged),
         "channels": 1,
         "tiles": len(pieces),
