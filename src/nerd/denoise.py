@@ -237,10 +237,14 @@ def _ticks(model: Any, bar: Any, show: bool) -> Iterator[None]:
             handle.remove()
 
 
+def _several(summary: dict[str, Any]) -> bool:
+    """Whether the statistics are the worst of several solves (tiles, channels or symmetries)."""
+    return summary.get("tiles", 1) > 1 or summary.get("channels", 1) > 1 or summary.get("ensemble", 1) > 1
+
+
 def convergence(summary: dict[str, Any]) -> str:
     """'converged (rel residual 8.12e-04)', or 'NOT converged [in k of n tiles/channels] (... > tol 1e-03)'."""
     tiled, channels = summary.get("tiles", 1) > 1, summary.get("channels", 1)
-    several = tiled or channels > 1 or summary.get("ensemble", 1) > 1  # statistics: the worst of several solves
     if summary["converged"]:
         state = "converged"
     elif tiled or channels > 1:
@@ -249,7 +253,7 @@ def convergence(summary: dict[str, Any]) -> str:
     else:
         state = "NOT converged"
     # two decimals: one would print a residual just above the tolerance as equal to it ("1.0e-03 > tol 1e-03")
-    detail = f"{'largest ' if several else ''}rel residual {summary['rel_residual']:.2e}"
+    detail = f"{'largest ' if _several(summary) else ''}rel residual {summary['rel_residual']:.2e}"
     if not summary["converged"]:
         detail += f" > tol {summary['tol']:.0e}"
     return f"{state} ({detail})"
@@ -259,7 +263,6 @@ def describe(summary: dict[str, Any]) -> str:
     """One line: '256x256, 12 iterations, converged (rel residual 8.12e-04), 1.23 s'; for a tiled solve
     '4000x3000 in 48 tiles of 518x596 (overlap 32), up to 17 iterations, NOT converged in 3 of 48 tiles (...)';
     a colour image adds 'x 3 channels', a self-ensemble 'x 8 symmetries' after the size."""
-    several = summary.get("tiles", 1) > 1 or summary.get("channels", 1) > 1 or summary.get("ensemble", 1) > 1
     size = f"{summary['width']}x{summary['height']}"
     if summary.get("tiles", 1) > 1:
         th, tw = summary["tile_shape"]
@@ -268,5 +271,5 @@ def describe(summary: dict[str, Any]) -> str:
         size += f" x {summary['channels']} channels"
     if summary.get("ensemble", 1) > 1:
         size += f" x {summary['ensemble']} symmetries"
-    iterations = f"{'up to ' if several else ''}{summary['nfe']} iterations"
+    iterations = f"{'up to ' if _several(summary) else ''}{summary['nfe']} iterations"
     return f"{size}, {iterations}, {convergence(summary)}, {summary['seconds']:.2f} s"

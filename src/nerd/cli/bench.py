@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from nerd.bench import BenchSettings, markdown_tables, run_bench
-    from nerd.cli import UserError
+    from nerd.cli import UserError, check_device
     from nerd.evaluate import default_data_root
 
     _check(args)
@@ -106,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError, KeyError) as err:
             raise UserError(f"cannot render {args.render}: {err}") from None
         return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available")
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in {"repeats": args.repeats, "tol": args.tol, "crop": args.crop}.items()
