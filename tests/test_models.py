@@ -103,13 +103,23 @@ def test_solver_statistics_have_one_entry_per_sample_and_respect_the_cap(odd_ima
 
 @pytest.mark.parametrize("name", ["broyden", "anderson", "fixed_point"])
 def test_bf16_autocast_keeps_the_solver_state_in_fp32(odd_image, name):
+    torch.manual_seed(0)
     model = create_model("tiny", solver=SolverConfig(name=name, max_iter=6)).eval()
+    conv_dtypes = []
+    convs = [m for m in model.layer.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [c.register_forward_hook(lambda m, i, o: conv_dtypes.append(o.dtype)) for c in convs]
     with torch.no_grad():
         ref = model.equilibrium(odd_image, 0.1)
+        assert set(conv_dtypes) == {torch.float32}
+        conv_dtypes.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model.equilibrium(odd_image, 0.1)
-    assert low.z_star.dtype == torch.float32  # only f runs in bf16; the solver's arithmetic does not
-    assert (low.x_hat.float() - ref.x_hat).abs().mean() < 0.02
+    for h in hooks:
+        h.remove()
+    assert set(conv_dtypes) == {torch.bfloat16}  # f really ran in bf16 ...
+    assert low.z_star.dtype == torch.float32  # ... while the solver's arithmetic did not
+    diff = (low.x_hat.float() - ref.x_hat).abs().mean()
+    assert 0 < diff < 0.02
 
 
 def test_training_after_inference_mode_at_the_same_size(odd_image):

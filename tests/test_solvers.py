@@ -34,10 +34,23 @@ def test_reaches_tolerance_and_fixed_point(name):
     assert (stats.rel_residual < 1e-8).all()
     torch.testing.assert_close(z, z_star, rtol=0, atol=1e-6)
     assert stats.nfe.shape == (3,) and stats.trace.shape[0] == 3
-    # the trace's last finite entry of each sample is its final residual
+    # each sample's trace holds nfe residuals, then NaN; its last entry is the final residual
     for b in range(3):
-        row = stats.trace[b][~stats.trace[b].isnan()]
-        assert len(row) == stats.nfe[b]
+        n = int(stats.nfe[b])
+        assert not stats.trace[b, :n].isnan().any() and stats.trace[b, n:].isnan().all()
+        assert stats.trace[b, n - 1] == stats.rel_residual[b]
+    assert_residuals_at(f, z, stats)
+
+
+def assert_residuals_at(f, z, stats):
+    """The statistics describe the returned z: its residuals recomputed, and the lowest of the trace."""
+    fz = f(z)
+    abs_res = (fz - z).reshape(len(z), -1).norm(dim=1)
+    rel_res = abs_res / fz.reshape(len(z), -1).norm(dim=1)
+    torch.testing.assert_close(stats.abs_residual, abs_res.float(), rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(stats.rel_residual, rel_res.float(), rtol=1e-4, atol=1e-12)
+    lowest = torch.where(stats.trace.isnan(), torch.inf, stats.trace).min(dim=1).values
+    assert torch.equal(stats.rel_residual, lowest)
 
 
 def test_accelerated_solvers_need_fewer_evaluations_on_ill_conditioned_map():
@@ -69,6 +82,11 @@ def test_per_sample_stopping(name):
     z, stats = SOLVER_CALLS[name](f, torch.zeros(2, n, dtype=torch.float64), 1e-7)
     assert stats.converged.all()
     assert stats.nfe[0] < stats.nfe[1]
+    # the stopping rule: each sample stops at the first evaluation whose residual is below tol
+    for b in range(2):
+        below = (stats.trace[b] < 1e-7).nonzero()
+        assert int(stats.nfe[b]) == int(below[0]) + 1
+    assert_residuals_at(f, z, stats)
     # after sample 0 stopped, the states passed to f for it no longer change
     stopped = int(stats.nfe[0])
     later = [c_[0] for c_ in calls[stopped:]]
@@ -77,17 +95,21 @@ def test_per_sample_stopping(name):
 
 @pytest.mark.parametrize("name", list(SOLVER_CALLS))
 def test_no_fixed_point_reported_not_converged_and_finite(name):
-    z, stats = SOLVER_CALLS[name](lambda z: z + 1.0, torch.zeros(2, 5), 1e-4)
+    z, stats = SOLVER_CALLS[name](lambda z: z + 1.0, torch.zeros(2, 5, dtype=torch.float64), 1e-4)
     assert not stats.converged.any()
     assert torch.isfinite(z).all()
+    cap = {"fixed_point": 400, "anderson": 100, "broyden": 100}[name]
+    assert stats.nfe.tolist() == [cap, cap] and stats.trace.shape == (2, cap)
+    assert_residuals_at(lambda z: z + 1.0, z, stats)
 
 
 @pytest.mark.parametrize("name", list(SOLVER_CALLS))
 def test_divergence_to_inf_returns_best_finite_iterate(name):
-    z, stats = SOLVER_CALLS[name](lambda z: 10 * torch.exp(z), torch.zeros(2, 5), 1e-4)
+    z, stats = SOLVER_CALLS[name](lambda z: 10 * torch.exp(z), torch.zeros(2, 5, dtype=torch.float64), 1e-4)
     assert not stats.converged.any()
     assert torch.isfinite(z).all()
     assert torch.isfinite(stats.rel_residual).all()
+    assert_residuals_at(lambda z: 10 * torch.exp(z), z, stats)  # the best finite iterate, not the last
 
 
 def test_solve_dispatch_and_unknown_name():
@@ -97,6 +119,24 @@ def test_solve_dispatch_and_unknown_name():
         torch.testing.assert_close(z, z_star, rtol=0, atol=1e-7)
     with pytest.raises(ValueError):
         SolverConfig(name="newton")
+
+
+def test_solve_passes_every_setting():
+    """solve() hands non-default memory, ridge and damping to the solver it names."""
+    f, z_star = affine_contraction(30, 2, 0.9)
+    z0 = torch.zeros_like(z_star)
+    direct = {
+        "broyden": broyden(f, z0, max_iter=9, tol=1e-12, memory=3),
+        "anderson": anderson(f, z0, max_iter=9, tol=1e-12, memory=3, ridge=0.3, damping=0.6),
+        "fixed_point": fixed_point(f, z0, max_iter=9, tol=1e-12, damping=0.6),
+    }
+    for name, (z_ref, stats_ref) in direct.items():
+        cfg = SolverConfig(name=name, max_iter=9, tol=1e-12, memory=3, ridge=0.3, damping=0.6)
+        z, stats = solve(f, z0, cfg)
+        assert torch.equal(z, z_ref) and torch.equal(stats.trace, stats_ref.trace)
+    # and the settings matter, so the comparison above can fail
+    assert not torch.equal(direct["broyden"][0], broyden(f, z0, max_iter=9, tol=1e-12, memory=8)[0])
+    assert not torch.equal(direct["anderson"][0], anderson(f, z0, max_iter=9, tol=1e-12, memory=3)[0])
 
 
 def test_shapes_beyond_two_dimensions():

@@ -137,16 +137,24 @@ def test_lr_schedule_follows_a_time_budget():
     assert lr_at(10, 20, cfg, elapsed_s=0) == pytest.approx(5e-4)  # the step cap still counts
 
 
-def test_run_with_a_time_budget_stops_decayed_and_validated(image_folder, tmp_path):
+def test_run_with_a_time_budget_stops_decayed_and_validated(image_folder, tmp_path, monkeypatch):
+    import time
+    import types
+
+    # A clock that advances 0.2 s a reading (two readings a step): the run does not depend on this CPU's speed.
+    readings = iter(range(10**6))
+    clock = types.SimpleNamespace(monotonic=lambda: 0.2 * next(readings), process_time=time.process_time)
+    monkeypatch.setattr("nerd.train.time", clock)
     cfg = tiny_config(image_folder, steps=10**6)
     cfg = replace(cfg, train=replace(cfg.train, minutes=0.05, val_every=10**6, lr_min=0.0))
     run = train(cfg, out=tmp_path / "run", progress=False)
     rows = list(csv.DictReader(open(run / "log.csv")))
-    assert 1 < len(rows) < 10**6
-    assert float(rows[-1]["elapsed_s"]) >= 3.0  # it ran its whole budget (0.05 min = 3 s)
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert elapsed == pytest.approx([0.2 + 0.4 * i for i in range(len(rows))])  # 0.4 s a step after the first
+    assert 3.0 <= elapsed[-1] < 3.4  # it ran its whole budget (0.05 min = 3 s), and stopped there
     lrs = [float(r["lr"]) for r in rows]
     assert lrs == sorted(lrs, reverse=True)  # the cosine followed the clock down (no warm-up here) ...
-    assert lrs[-1] < 0.25 * cfg.train.lr  # ... to its last quarter (one step is a large part of 3 s on a busy CPU)
+    assert lrs[0] == pytest.approx(cfg.train.lr) and lrs[-1] < 0.05 * cfg.train.lr  # ... from its top to near 0
     val = list(csv.DictReader(open(run / "val.csv")))
     assert [int(r["step"]) for r in val] == [int(rows[-1]["step"])]
     # Resuming a run whose time is up changes nothing.

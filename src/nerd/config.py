@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-
-import tomllib
 
 T = TypeVar("T")
 
