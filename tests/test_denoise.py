@@ -216,6 +216,11 @@ def _bad_inputs(tmp: Path, noisy: Path, weights: Path) -> dict[str, tuple[list[o
     (bad / "afile").write_text("x")
     (bad / "sub" / noisy.name).mkdir(parents=True)  # a folder where the output file would go
     Image.fromarray(np.full((30, 1), 128, np.uint8)).save(bad / "thin.png")
+    for twin in ("d1", "d2"):  # two inputs with one name: one output folder cannot hold both
+        (bad / twin).mkdir()
+        (bad / twin / "a.png").write_bytes(noisy.read_bytes())
+    (bad / "no-images").mkdir()
+    (bad / "no-images" / "notes.txt").write_text("x")
     out = tmp / "out"
     w = ["--weights", weights]
     return {
@@ -264,6 +269,9 @@ def _bad_inputs(tmp: Path, noisy: Path, weights: Path) -> dict[str, tuple[list[o
         "bad cuda device": ([noisy, "-o", out / "o.png", *w, "--device", "cuda:x"], "cuda:N"),
         "ensemble 3": ([noisy, "-o", out / "o.png", *w, "--ensemble", 3], "--ensemble"),
         "sigma auto on a thin image": ([bad / "thin.png", "-o", out / "o.png", *w, "--sigma", "auto"], "too small"),
+        "two inputs, one output name": ([bad / "d1", bad / "d2", "-o", out, *w], "would both be written"),
+        "folder without images": ([bad / "no-images", "-o", out, *w], "no images"),
+        "sample and an input": ([noisy, "--sample", "-o", out / "o.png", *w], "not both"),
     }
 
 
@@ -304,6 +312,9 @@ CASES = [
     "bad cuda device",
     "ensemble 3",
     "sigma auto on a thin image",
+    "two inputs, one output name",
+    "folder without images",
+    "sample and an input",
 ]
 
 

@@ -202,10 +202,30 @@ def test_write_is_atomic_and_readable(tmp_path):
     x = np.linspace(0, 1, H * W, dtype=np.float32).reshape(H, W)
     write_image(tmp_path / "o.png", x, 8)
     assert [p.name for p in tmp_path.iterdir()] == ["o.png"]  # no temporary left
-    assert (os.stat(tmp_path / "o.png").st_mode & 0o777) != 0o600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (os.stat(tmp_path / "o.png").st_mode & 0o777) == 0o666 & ~umask  # not mkstemp's 0600
     with pytest.raises(ValueError):
         write_image(tmp_path / "bad.png", x * np.nan, 8)
     assert [p.name for p in tmp_path.iterdir()] == ["o.png"]
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    from PIL import Image
+
+    x = np.linspace(0, 1, H * W, dtype=np.float32).reshape(H, W)
+    write_image(tmp_path / "o.png", x, 8)
+    before = (tmp_path / "o.png").read_bytes()
+
+    def disk_full(self, fh, *args, **kwargs):
+        fh.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_image(tmp_path / "o.png", 1 - x, 8)
+    assert [p.name for p in tmp_path.iterdir()] == ["o.png"]
+    assert (tmp_path / "o.png").read_bytes() == before
 
 
 def test_to_pixels_rounds_and_clips():
