@@ -276,6 +276,22 @@ def test_train_kill_resume_export_then_denoise_with_the_weights(image_folder, tm
     assert torch.load(run / "last.pt", weights_only=False)["step"] == 4
     weights = tmp_path / "w.safetensors"
     assert main(["export", str(run), "--out", str(weights)]) == 0
+    from safetensors.torch import load_file
+
+    exported, info = load_weights(weights)
+    best, best_info = load_weights(run / "best.safetensors")  # the best validated weights, as they were scored
+    assert info["sigma"] == best_info["sigma"] == 25 and info["scores"] == best_info["scores"]
+    assert load_file(str(weights)).keys() == load_file(str(run / "best.safetensors")).keys()
+    best_tensors = best.state_dict()
+    assert all(torch.equal(v, best_tensors[k]) for k, v in exported.state_dict().items())
+    assert main(["export", str(run), "--last", "--out", str(tmp_path / "last.safetensors")]) == 0
+    last = load_weights(tmp_path / "last.safetensors")[0].state_dict()
+    ckpt = torch.load(run / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(last[k], ckpt[k]) for k in ckpt)
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    (tmp_path / "empty-run").mkdir()
+    assert main(["export", str(tmp_path / "empty-run"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert not (tmp_path / "x.safetensors").exists()
     noisy = sorted(image_folder.iterdir())[0]
     out = tmp_path / "den.png"
     assert main(["denoise", str(noisy), "-o", str(out), "--weights", str(weights), "--quiet"]) == 0
