@@ -223,19 +223,26 @@ def _check_outputs(ctx: Context, name: str) -> dict:
     return result
 
 
-def _check_runs(result: dict, n: int) -> None:
+def _check_runs(result: dict, n: int, ctx=None) -> None:
     runs = result["data"]["runs"]
     assert len(runs) == n
     for r in runs.values():
         assert r["curve"] and r["final_val"]["val_psnr"] > 0 and r["steps"] == 3
         assert r["test"]["images"] == 2 and r["test"]["means"]["psnr"] > 0
         assert r["config"]["train"]["seed"] == 0 and r["config"]["train"]["steps"] == 3
+        if ctx is not None:  # the recorded test figure is the run's best weights scored again, not some other model
+            from nerd.experiments.core import evaluate_on
+            from nerd.weights import load_weights
+
+            model, info = load_weights(Path(r["run_dir"]) / "best.safetensors")
+            again = evaluate_on(ctx, model, info["sigma"])
+            assert again["means"]["psnr"] == pytest.approx(r["test"]["means"]["psnr"], abs=1e-6)
 
 
 def test_equilibrium_end_to_end_and_rerun_is_cached(ctx, monkeypatch):
     result = run_experiment("equilibrium", ctx)
     _check_outputs(ctx, "equilibrium")
-    _check_runs(result, 2)
+    _check_runs(result, 2, ctx)
     assert "30.84/0.8736" in (ctx.out / "equilibrium.md").read_text()  # the paper's Table IV next to ours
     monkeypatch.setattr("nerd.train.train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     monkeypatch.setattr("nerd.experiments.core.evaluate_on",
@@ -281,7 +288,7 @@ def test_missing_weights_is_an_experiment_error(ctx):
 def test_training_experiments_end_to_end(ctx, name, n):
     result = run_experiment(name, ctx)
     _check_outputs(ctx, name)
-    _check_runs(result, n)
+    _check_runs(result, n, ctx)
 
 
 def test_postnorm_measures_zstar_and_noise_levels(ctx):
