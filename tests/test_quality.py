@@ -25,13 +25,11 @@ CROPS = ((slice(0, 64), slice(0, 64)), (slice(100, 164), slice(90, 154)))
 
 @pytest.fixture(scope="module")
 def sample_crops():
-    from importlib.resources import files
-
+    from nerd.denoise import SAMPLE_CLEAN, SAMPLE_NOISY
     from nerd.io import read_image
 
-    assets = files("nerd") / "assets"
-    y, _ = read_image(str(assets / "sample_noisy.png"))
-    x, _ = read_image(str(assets / "sample_clean.png"))
+    y, _ = read_image(SAMPLE_NOISY)
+    x, _ = read_image(SAMPLE_CLEAN)
     return [(x[c].astype(np.float64), y[c]) for c in CROPS]
 
 
