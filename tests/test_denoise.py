@@ -320,6 +320,11 @@ CASES = [
 ]
 
 
+def test_every_bad_input_case_is_parametrised(tmp_path, noisy, weights):
+    # CASES names the parameters at collection time; a case added to _bad_inputs but not to CASES would never run.
+    assert list(_bad_inputs(tmp_path, noisy, weights)) == CASES
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, noisy, weights, case):
     argv, fragment = _bad_inputs(tmp_path, noisy, weights)[case]
