@@ -77,8 +77,8 @@ def main() -> None:
             raise SystemExit(f"{state_path} was accumulated for other weights; remove it or pass another --state")
     print(f"{info['name']} ({info['sha256'][:12]}), sigma {args.sigma:g}: {state['done']} of {len(train)} images "
           "already accumulated", flush=True)
-    start = time.perf_counter()
-    for i in range(state["done"], len(train)):
+    start, first = time.perf_counter(), state["done"]
+    for i in range(first, len(train)):
         x = train[i][None]
         gen = torch.Generator().manual_seed(1_000_003 * int(args.sigma) + i)
         y = x + args.sigma / 255.0 * torch.randn(x.shape, generator=gen)
@@ -92,7 +92,7 @@ def main() -> None:
             state_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, tmp)
             os.replace(tmp, state_path)
-            rate = (time.perf_counter() - start) / (state["done"] - 0)
+            rate = (time.perf_counter() - start) / (state["done"] - first)
             print(f"  {state['done']}/{len(train)} images ({rate:.1f} s an image this run)", flush=True)
 
     w = torch.linalg.solve(state["A"], state["b"])
