@@ -1,7 +1,7 @@
 """Refit the decoder's last convolution of shipped NERD weights by exact least squares at the inference equilibrium.
 
     python scripts/refit_readout.py --sigma 25 --threads 2                 # all 392 training images, resumable
-    python scripts/refit_readout.py --sigma 25 --images 40 --threads 2     # a pilot on the first 40
+    python scripts/refit_readout.py --sigma 25 --images 16 --threads 2     # a pilot on the first 16
 
 Why: training decodes the state after a short solve (`train_iters` Broyden steps plus the phantom gradient's damped
 steps, on 64^2 crops), while inference decodes z* of the 17-step solve on whole images. The decoder is
