@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,20 +28,14 @@ import torch.nn.functional as F
 from nerd.data.patches import load_folder, validation_pairs
 from nerd.evaluate import default_data_root
 from nerd.metrics import psnr
+from nerd.train import _atomic_save
 from nerd.weights import load_weights, save_weights
 
 
 def features(model, y: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     """phi = ReLU(BN(z*)): the last convolution's input at the inference equilibrium, (1, C, H, W)."""
-    conv = model.decode.body[-1]
-    seen: list[torch.Tensor] = []
-    handle = conv.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            model.equilibrium(y)
-    finally:
-        handle.remove()
-    return seen[0]
+    with torch.no_grad():
+        return model.decode.body[:-1](model.equilibrium(y).z_star)
 
 
 def design(phi: torch.Tensor) -> torch.Tensor:
@@ -77,6 +70,7 @@ def main() -> None:
             raise SystemExit(f"{state_path} was accumulated for other weights; remove it or pass another --state")
     print(f"{info['name']} ({info['sha256'][:12]}), sigma {args.sigma:g}: {state['done']} of {len(train)} images "
           "already accumulated", flush=True)
+    state_path.parent.mkdir(parents=True, exist_ok=True)
     start, first = time.perf_counter(), state["done"]
     for i in range(first, len(train)):
         x = train[i][None]
@@ -88,10 +82,7 @@ def main() -> None:
         state["pixels"] += u.shape[0]
         state["done"] = i + 1
         if state["done"] % 8 == 0 or state["done"] == len(train):
-            tmp = state_path.with_suffix(".pt.tmp")
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, tmp)
-            os.replace(tmp, state_path)
+            _atomic_save(state, state_path)
             rate = (time.perf_counter() - start) / (state["done"] - first)
             print(f"  {state['done']}/{len(train)} images ({rate:.1f} s an image this run)", flush=True)
 
