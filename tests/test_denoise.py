@@ -337,6 +337,22 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, no
     assert files(tmp_path) == before
 
 
+def test_unwritable_output_folder_is_refused(capsys, tmp_path, noisy, weights, monkeypatch):
+    # The tests run as root here, where chmod cannot take write access away; deny it where the CLI asks instead.
+    import nerd.cli.denoise as cli_denoise
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    other = noisy.with_name("b.png")
+    other.write_bytes(noisy.read_bytes())
+    real_access = cli_denoise.os.access
+    monkeypatch.setattr(cli_denoise.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    for argv in ([noisy, "-o", locked / "o.png"], [noisy, other, "-o", locked], [noisy, other, "-o", locked / "new"]):
+        rc, _, err = cli(capsys, "denoise", *argv, "--weights", weights)
+        assert rc == 2 and "not writable" in err and err.count("\n") == 1, err
+    assert files(locked) == []
+
+
 def test_non_finite_output_is_an_error(capsys, tmp_path, noisy):
     model = create_model("tiny")
     with torch.no_grad():
