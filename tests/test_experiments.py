@@ -208,6 +208,34 @@ def test_diverged_run_is_scored_with_its_best_weights_and_not_retrained(ctx, mon
     assert again.diverged == run.diverged and again.summary()["diverged"] == run.diverged
 
 
+def test_a_run_is_scored_with_its_best_weights_not_its_last(ctx, monkeypatch):
+    # Smoke runs improve at every step, so there best = last; here validation is made to say that the first was best.
+    from nerd import train as train_module
+    from nerd.experiments.core import evaluate_on, test_scores
+    from nerd.models import create_model
+
+    real = train_module.validate
+    calls = {"n": 0}
+
+    def worsening(*a, **k):
+        calls["n"] += 1
+        return {**real(*a, **k), "val_psnr": 50.0 - calls["n"]}
+
+    monkeypatch.setattr("nerd.train.validate", worsening)
+    cfg = base_config(ctx, "blocks", "nl", blocks="nl")
+    run = train_run(ctx, "blocks", "nl", cfg)
+    first = run.curve()[0]["step"]
+    assert calls["n"] >= 2 and run.summary()["best_val"]["step"] == first
+    last = torch.load(run.dir / "last.pt", map_location="cpu", weights_only=False)
+    assert last["step"] > first
+    model = create_model(cfg.model)
+    model.load_state_dict(last["model"])
+    sigma = cfg.train.sigma[0]
+    scored = test_scores(ctx, run)["means"]["psnr"]
+    assert scored == pytest.approx(evaluate_on(ctx, run.load(), sigma)["means"]["psnr"], abs=1e-9)
+    assert abs(scored - evaluate_on(ctx, model, sigma)["means"]["psnr"]) > 1e-3  # the last weights score otherwise
+
+
 # --- experiments end to end (smoke) -----------------------------------------------------------------------------
 
 
