@@ -75,6 +75,16 @@ def test_8bit_png_round_trip(capsys, tmp_path, noisy, weights):
     assert "a.png: 31x37" in line and "iterations" in line and "rel residual" in line and " s " in line
 
 
+def test_no_progress_keeps_the_report_and_drops_the_bar(capsys, tmp_path, noisy, weights):
+    argv = ["denoise", noisy, "-o", tmp_path / "o.png", "--weights", weights, "--iters", 2]
+    rc, out, err = cli(capsys, *argv)
+    assert rc == 0 and "f-eval" in err  # the bar, on stderr
+    rc, out, err = cli(capsys, *argv, "--no-progress")
+    assert rc == 0 and "f-eval" not in err and "a.png: 31x37" in out
+    rc, out, err = cli(capsys, *argv, "--quiet")
+    assert rc == 0 and out == "" and "f-eval" not in err
+
+
 def test_report_line_tells_a_residual_just_above_tolerance_from_it():
     summary = {"converged": False, "rel_residual": 1.04e-3, "tol": 1e-3, "width": 31, "height": 37, "nfe": 17,
                "seconds": 1.0, "tiles": 1}

@@ -82,6 +82,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bar or report lines (errors still shown)"
     )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (report lines still shown; for logs)"
+    )
 
 
 @dataclass
@@ -382,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             x_hat, summary = denoise_image(
                 model, y, min(sigma_in, 255.0), solver=solver, device=device, tile=tile,
-                ensemble=ensemble, progress=not args.quiet,
+                ensemble=ensemble, progress=not (args.quiet or args.no_progress),
             )
         except DenoiseError as err:
             raise UserError(f"{job.src}: {err}") from None
