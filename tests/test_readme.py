@@ -136,3 +136,18 @@ def test_a_side_by_side_file_written_by_the_scripts_helper_renders(tmp_path, mon
     assert table.startswith("`python scripts/tiling_check.py --tiles 128` (")
     assert "one process each" in table and "σ 25, weights e85b277b705a" in table
     assert "| Set12/01.png (256×256) | --tile 128: 9 tiles of 107×107 | 17 | 6/9 | 23.9 | 2.00× | 237 | 413 |" in table
+
+
+def test_vs_bm3d_compares_the_same_images(tmp_path, monkeypatch):
+    sha = read_metadata(shipped()["nerd-s25"])["sha256"]
+    (tmp_path / "eval").mkdir()
+    nerd = [("a.png", 30.0), ("b.png", 28.0), ("c.png", 31.0)]
+    bm3d = [("a.png", 29.5), ("b.png", 29.0), ("c.png", 30.9), ("x.png", 10.0)]  # x: an image NERD did not score
+    for method, rows in (("nerd", nerd), ("bm3d", bm3d)):
+        record = {"method": method, "set": "Set12", "sigma": 25.0, "limit": None,
+                  "rows": [{"name": n, "psnr": p} for n, p in rows],
+                  "meta": {"sha256": sha, "solver": {"max_iter": 17}}}
+        (tmp_path / "eval" / f"eval-{method}-Set12-s25.json").write_text(json.dumps(record))
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    rows = readme.vs_bm3d_table().splitlines()[2:]
+    assert rows == ["| Set12 | 25 | 3 | -0.13 | 2 of 3 | +0.10 | -1.00 (b.png) | +0.50 (a.png) |"]

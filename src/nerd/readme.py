@@ -101,6 +101,31 @@ def results_table() -> str:
     return "\n".join(lines)
 
 
+def vs_bm3d_table() -> str:
+    """Per image, the shipped NERD against BM3D wherever both scored a whole set: the mean gap, on how many images
+    NERD is ahead, and the median / worst per-image difference (a mean alone hides whether a few images carry it)."""
+    import statistics
+
+    evals = _load_evals()
+    lines = ["| set | σ | images | NERD − BM3D, mean (dB) | NERD ahead on | median (dB) | worst (dB, image) "
+             "| best (dB, image) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for set_name in ("Set12", "BSD68", "Urban100"):
+        for sigma in (15, 25, 50):
+            nerd, bm3d = evals.get(("nerd", set_name, sigma)), evals.get(("bm3d", set_name, sigma))
+            if not nerd or not bm3d:
+                continue
+            theirs = {r["name"]: r["psnr"] for r in bm3d["rows"]}
+            named = sorted((r["psnr"] - theirs[r["name"]], r["name"]) for r in nerd["rows"] if r["name"] in theirs)
+            if not named:
+                continue
+            diff = [d for d, _ in named]
+            row = [set_name, str(sigma), str(len(diff)), f"{sum(diff) / len(diff):+.2f}",
+                   f"{sum(d > 0 for d in diff)} of {len(diff)}", f"{statistics.median(diff):+.2f}",
+                   f"{named[0][0]:+.2f} ({named[0][1]})", f"{named[-1][0]:+.2f} ({named[-1][1]})"]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def collect_run(run: Path) -> Path:
     """Summarise a training run folder (config, validation curve, CPU time) into results/training/<run>.json."""
     config = json.loads((run / "config.json").read_text())
@@ -493,6 +518,7 @@ def ensemble_table() -> str:
 
 BLOCKS = {
     "results": results_table,
+    "vs-bm3d": vs_bm3d_table,
     "training-compare": lambda: training_table("cpu-"),
     "training-shipped": lambda: training_table("nerd-"),
     "model-card": model_card,
