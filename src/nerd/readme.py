@@ -29,6 +29,8 @@ PAPER_NERD = {
     ("Urban100", 15): (33.48, 0.9341), ("Urban100", 25): (31.03, 0.9013), ("Urban100", 50): (27.62, 0.8292),
 }
 
+TABLE_SETS, TABLE_SIGMAS = ("Set12", "BSD68", "Urban100"), (15, 25, 50)  # rows of the results tables, in order
+
 
 def _shipped_solve() -> Callable[[dict, int], bool]:
     """A test of a NERD report's meta (or a partial file's key) at sigma: the shipped weights of that sigma as they
@@ -81,8 +83,8 @@ def results_table() -> str:
         "| set | σ | nerd (ours, shipped) | iterations | s/image | DnCNN-S | BM3D | NERD (paper, published) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for set_name in ("Set12", "BSD68", "Urban100"):
-        for sigma in (15, 25, 50):
+    for set_name in TABLE_SETS:
+        for sigma in TABLE_SIGMAS:
             cells = []
             nerd = evals.get(("nerd", set_name, sigma))
             for method in ("nerd", "dncnn", "bm3d"):
@@ -109,8 +111,8 @@ def vs_bm3d_table() -> str:
     evals = _load_evals()
     lines = ["| set | σ | images | NERD − BM3D, mean (dB) | NERD ahead on | median (dB) | worst (dB, image) "
              "| best (dB, image) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for set_name in ("Set12", "BSD68", "Urban100"):
-        for sigma in (15, 25, 50):
+    for set_name in TABLE_SETS:
+        for sigma in TABLE_SIGMAS:
             nerd, bm3d = evals.get(("nerd", set_name, sigma)), evals.get(("bm3d", set_name, sigma))
             if not nerd or not bm3d:
                 continue
