@@ -174,6 +174,30 @@ def test_interrupted_eval_continues_from_its_partial_file(tmp_path: Path) -> Non
     assert len(calls) == 3 and other.meta["resumed_rows"] == 0
 
 
+def test_evaluate_ensemble_is_the_mean_of_the_turned_back_solves(tmp_path: Path) -> None:
+    """ensemble N scores mean_k undo_dihedral(f(dihedral(y, k)), k); an equivariant method gains nothing from it."""
+    from nerd.data.patches import dihedral, undo_dihedral
+    from nerd.evaluate import Noisy, evaluate
+
+    images = _write_set(tmp_path / "S", n=1)  # 23 x 19: the quarter turns change the shape
+
+    def tilted(y: torch.Tensor, sigma: float) -> torch.Tensor:  # not rotation-equivariant: weights by column
+        return y * torch.linspace(0.6, 1.0, y.shape[-1])
+
+    report = evaluate(tilted, images, 25, set_name="S", progress=False, method_name="m", ensemble=4)
+    x = np.asarray(Image.open(images[0]), dtype=np.float64) / 255
+    y = torch.from_numpy(protocol_noisy(x, 25)).float()[None, None]
+    by_hand = sum(undo_dihedral(tilted(dihedral(y, k), 0.1), k) for k in range(4)) / 4
+    expected = psnr(np.clip(by_hand[0, 0].double().numpy(), 0, 1), x)
+    assert report.rows[0].psnr == pytest.approx(expected, abs=1e-5)  # float32 sums in another order
+    single = evaluate(tilted, images, 25, set_name="S", progress=False, method_name="m")
+    assert report.rows[0].psnr != pytest.approx(single.rows[0].psnr, abs=1e-3)
+    assert report.meta["ensemble"] == 4 and "ensemble" not in single.meta  # a single-solve key stays as it was
+    same = evaluate(Noisy(), images, 25, set_name="S", progress=False, method_name="noisy", ensemble=8)
+    assert same.rows[0].psnr == pytest.approx(
+        evaluate(Noisy(), images, 25, set_name="S", progress=False, method_name="noisy").rows[0].psnr, abs=1e-5)
+
+
 def test_cli_eval_summary_gathers_earlier_sets_of_the_same_weights(tmp_path: Path) -> None:
     """A second `nerd eval` on another set adds to the tag's summary; a report of replaced weights is left out."""
     import torch
@@ -235,6 +259,13 @@ def test_cli_eval_noisy_and_nerd(tmp_path: Path, capsys: pytest.CaptureFixture[s
     printed = capsys.readouterr().out
     assert "Tiny" in printed and "PSNR" in printed
 
+    # --ensemble: the mean of two solves, in a file of its own; each row has the most iterations of its solves
+    assert main([*argv, "--ensemble", "2"]) == 0
+    pair = json.loads((out / "eval-nerd-tiny-it3-x2-Tiny-s25.json").read_text())
+    assert pair["meta"]["ensemble"] == 2 and "ensemble" not in data["meta"]
+    for one, two in zip(data["rows"], pair["rows"], strict=True):
+        assert 1 <= two["nfe"] <= 3 and two["nfe"] >= one["nfe"] and two["psnr"] != one["psnr"]
+
     # --compile: the same solve through a torch.compile'd layer; the scores agree to fp32 rounding
     assert main([*argv, "--compile"]) == 0
     compiled = json.loads((out / "eval-nerd-tiny-it3-Tiny-s25.json").read_text())
@@ -252,6 +283,7 @@ def test_cli_eval_noisy_and_nerd(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (["--sigma", "-5"], "sigma must be in (0, 255]"),
         (["--sigma", "inf"], "sigma must be in (0, 255]"),
         (["--limit", "0"], "--limit"),
+        (["--ensemble", "3"], "--ensemble must be one of 1, 2, 4, 8"),
         (["--weights", "x.safetensors"], "only apply to --method nerd"),
         (["--sets", "Small"], "smaller than SSIM's 11x11 window"),
         (["--sets", "Colour"], "Colour"),

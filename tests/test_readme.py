@@ -151,3 +151,33 @@ def test_vs_bm3d_compares_the_same_images(tmp_path, monkeypatch):
     monkeypatch.setattr(readme, "RESULTS", tmp_path)
     rows = readme.vs_bm3d_table().splitlines()[2:]
     assert rows == ["| Set12 | 25 | 3 | -0.13 | 2 of 3 | +0.10 | -1.00 (b.png) | +0.50 (a.png) |"]
+
+
+def test_a_self_ensemble_is_reported_apart_from_the_single_solves(tmp_path, monkeypatch):
+    sha = read_metadata(shipped()["nerd-s25"])["sha256"]
+    (tmp_path / "eval").mkdir()
+
+    def record(method: str, psnrs: list[float], ensemble: int = 1) -> dict:
+        meta = {"sha256": sha, "solver": {"max_iter": 17}, **({"ensemble": ensemble} if ensemble > 1 else {})}
+        return {"method": method, "set": "Set12", "sigma": 25.0, "limit": None, "meta": meta,
+                "rows": [{"name": f"{i}.png", "psnr": p} for i, p in enumerate(psnrs)],
+                "means": {"psnr": sum(psnrs) / len(psnrs), "ssim": 0.8, "seconds": 4.0, "nfe": 17.0}}
+
+    files = {"eval-bm3d-Set12-s25.json": record("bm3d", [30.0, 29.0]),
+             "eval-nerd-nerd-s25-Set12-s25.json": record("nerd", [29.8, 29.0]),
+             "eval-nerd-nerd-s25-x8-Set12-s25.json": record("nerd", [30.3, 28.9], ensemble=8)}
+    for name, data in files.items():
+        (tmp_path / "eval" / name).write_text(json.dumps(data))
+    # a run under way at sigma 50: its partial file (key as `nerd eval --ensemble 4` writes it)
+    key = json.dumps({"method": "nerd", "set": "BSD68", "sigma": 50.0, "ensemble": 4,
+                      "sha256": read_metadata(shipped()["nerd-s50"])["sha256"], "solver": {"max_iter": 17}})
+    (tmp_path / "eval" / "eval-nerd-nerd-s50-x4-BSD68-s50.json.partial").write_text(
+        json.dumps({"key": key, "rows": [{"name": "a.png"}]}))
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    main = [r for r in readme.results_table().splitlines() if r.startswith(("| Set12 | 25 |", "| BSD68 | 50 |"))]
+    assert main[0].split(" | ")[2] == "29.40 / 0.8000"  # the single solves, not the ensemble's 29.60
+    assert main[1].split(" | ")[2] == "not measured"  # an ensemble under way is not the single-solve run
+    rows = readme.ensemble_eval_table().splitlines()[2:]
+    assert rows[0] == ("| Set12 | 25 | 8 | 29.40 / 0.8000 | 29.60 / 0.8000 | +0.20 | 29.50 / 0.8000 | +0.10 "
+                       "| 1 of 2 | 4.0 |")
+    assert rows[1].startswith("| BSD68 | 50 | 4 | not measured | under way (1 images done, resumable) |")

@@ -257,6 +257,7 @@ def evaluate(
     limit: int | None = None,
     meta: dict[str, Any] | None = None,
     partial: str | os.PathLike[str] | None = None,
+    ensemble: int = 1,
 ) -> Report:
     """Run the protocol for `method` on `images` at noise level `sigma255` (0-255 scale).
 
@@ -275,14 +276,24 @@ def evaluate(
             interrupted run (a long set on a CPU) continues where it stopped: rows found there are reused when the
             file was written by the same method, set, sigma, solver and `meta` (else it is ignored and
             overwritten). The caller removes it once the report is saved.
+        ensemble: 1 (default), 2, 4 or 8: x_hat is the mean of that many solves, each on one of the square's
+            symmetries of y (`dihedral(y, k)`, k < ensemble) and turned back (the "x8" test mode of KAIR and
+            SwinIR); recorded in `meta` when > 1. A NERD row then has the most f-evaluations and the largest
+            residual of its solves, and is converged when every solve is; its seconds are all of them.
 
     Raises:
-        EvalError: sigma255 <= 0, no images, or an image smaller than SSIM's 11 x 11 window.
+        EvalError: sigma255 <= 0, no images, an image smaller than SSIM's 11 x 11 window, or ensemble not in
+            1, 2, 4, 8.
     """
     from tqdm import tqdm
 
+    from nerd.data.patches import dihedral, undo_dihedral
+    from nerd.denoise import ENSEMBLES
+
     if not sigma255 > 0:
         raise EvalError(f"sigma must be > 0, got {sigma255}")
+    if ensemble not in ENSEMBLES:
+        raise EvalError(f"ensemble must be one of {', '.join(map(str, ENSEMBLES))}, got {ensemble!r}")
     paths = sorted((Path(p) for p in images), key=lambda p: p.name)
     if limit is not None:
         paths = paths[:limit]
@@ -302,6 +313,8 @@ def evaluate(
     if is_deq:
         info["solver"] = asdict(solver or method.solver)
     info.update(meta or {})
+    if ensemble > 1:  # only then: the key of a single-solve run (and its partial file) stays what it was
+        info["ensemble"] = ensemble
     key = _partial_key({"method": name, "set": set_name, "sigma": float(sigma255), **info})
     done = _read_partial(partial, key)
     if partial is not None:
@@ -319,20 +332,29 @@ def evaluate(
             raise EvalError(f"{path}: {x.shape[0]}x{x.shape[1]} is smaller than SSIM's 11x11 window")
         y = torch.from_numpy(protocol_noisy(x, sigma255)).float()[None, None].to(device)  # (1, 1, H, W)
         nfe = residual = converged = None
+        solves = []  # the solver statistics of each solve (NERD)
         with torch.no_grad():
             _sync(device)
             start = time.perf_counter()
-            if is_deq:
-                eq = method.equilibrium(y, sigma, solver=solver)
-                x_hat_t = eq.x_hat
-            else:
-                x_hat_t = method(y, sigma)
+            x_hat_t = torch.zeros_like(y)
+            for k in range(ensemble):
+                y_k = dihedral(y, k)
+                if is_deq:
+                    eq = method.equilibrium(y_k, sigma, solver=solver)
+                    solves.append(eq.stats)
+                    x_k = eq.x_hat
+                    del eq  # before the next solve: the memory of one solve
+                else:
+                    x_k = method(y_k, sigma)
+                x_hat_t += undo_dihedral(x_k, k).float()
+                del x_k
+            x_hat_t /= ensemble
             _sync(device)
             seconds = time.perf_counter() - start
         if is_deq:
-            nfe = int(eq.stats.nfe[0])
-            residual = float(eq.stats.rel_residual[0])
-            converged = bool(eq.stats.converged[0])
+            nfe = max(int(s.nfe[0]) for s in solves)
+            residual = max(float(s.rel_residual[0]) for s in solves)
+            converged = all(bool(s.converged[0]) for s in solves)
         x_hat = np.clip(x_hat_t[0, 0].detach().double().cpu().numpy(), 0.0, 1.0)
         rows.append(Row(path.name, psnr(x_hat, x), ssim(x_hat, x), seconds, nfe, residual, converged))
         bar.set_postfix(psnr=f"{np.mean([r.psnr for r in rows]):.2f}")

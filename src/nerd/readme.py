@@ -43,14 +43,17 @@ def _shipped_solve() -> Callable[[dict, int], bool]:
                                 and (meta.get("solver") or {}).get("max_iter", 0) >= 8)
 
 
-def _load_evals() -> dict[tuple[str, str, int], dict]:
-    """Full-set eval results by (method, set, sigma); NERD results only for the shipped weights and solver."""
+def _load_evals(ensemble: int = 1) -> dict[tuple[str, str, int], dict]:
+    """Full-set eval results by (method, set, sigma) of `nerd eval --ensemble` (1: single solves); NERD results only
+    for the shipped weights and solver."""
     is_shipped = _shipped_solve()
     found: dict[tuple[str, str, int], dict] = {}
     for path in sorted((RESULTS / "eval").glob("eval-*.json")):
         data = json.loads(path.read_text())
         if data.get("limit"):
             continue  # partial runs never enter the table
+        if data.get("meta", {}).get("ensemble", 1) != ensemble:
+            continue  # a self-ensemble's figures are reported apart from the single solves'
         sigma = round(data["sigma"])
         method = data["method"]
         if method == "nerd" and not is_shipped(data.get("meta", {}), sigma):
@@ -59,9 +62,9 @@ def _load_evals() -> dict[tuple[str, str, int], dict]:
     return found
 
 
-def _nerd_in_progress() -> dict[tuple[str, int], int]:
-    """Images finished by interrupted `nerd eval` runs of the shipped weights (their `.partial` files), by (set,
-    sigma): a cell not measured yet says how far its resumable run has come."""
+def _nerd_in_progress(ensemble: int = 1) -> dict[tuple[str, int], int]:
+    """Images finished by interrupted `nerd eval [--ensemble N]` runs of the shipped weights (their `.partial` files),
+    by (set, sigma): a cell not measured yet says how far its resumable run has come."""
     is_shipped = _shipped_solve()
     done: dict[tuple[str, int], int] = {}
     for path in sorted((RESULTS / "eval").glob("eval-nerd-*.json.partial")):
@@ -69,7 +72,7 @@ def _nerd_in_progress() -> dict[tuple[str, int], int]:
             data = json.loads(path.read_text())
             key = json.loads(data["key"])
             sigma = round(key["sigma"])
-            if is_shipped(key, sigma):
+            if is_shipped(key, sigma) and key.get("ensemble", 1) == ensemble:
                 done[(key["set"], sigma)] = max(done.get((key["set"], sigma), 0), len(data["rows"]))
         except (ValueError, KeyError, TypeError):
             continue  # not a partial file of this tool's format
@@ -125,6 +128,45 @@ def vs_bm3d_table() -> str:
                    f"{sum(d > 0 for d in diff)} of {len(diff)}", f"{statistics.median(diff):+.2f}",
                    f"{named[0][0]:+.2f} ({named[0][1]})", f"{named[-1][0]:+.2f} ({named[-1][1]})"]
             lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def ensemble_eval_table() -> str:
+    """The shipped NERD self-ensembled (`nerd eval --ensemble N`) on the test sets, beside its single solves and BM3D
+    (which is not ensembled): whole sets only, and those under way (a resumable partial file) say how far they are."""
+    from nerd.denoise import ENSEMBLES
+
+    single = bm3d = _load_evals()  # one solve each; BM3D is never ensembled
+    lines = ["| set | σ | solves | nerd, one solve | nerd, mean of the solves | gain (dB) | BM3D | vs BM3D (dB) "
+             "| ahead of BM3D on | s/image |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    runs = {n: (_load_evals(n), _nerd_in_progress(n)) for n in ENSEMBLES[1:]}
+    for set_name in TABLE_SETS:
+        for sigma in TABLE_SIGMAS:
+            for n, (evals, in_progress) in runs.items():
+                one, many = single.get(("nerd", set_name, sigma)), evals.get(("nerd", set_name, sigma))
+                theirs = bm3d.get(("bm3d", set_name, sigma))
+                if not many and (set_name, sigma) not in in_progress:
+                    continue
+
+                def cell(data: dict | None) -> str:
+                    return f"{data['means']['psnr']:.2f} / {data['means']['ssim']:.4f}" if data else "not measured"
+
+                if not many:
+                    row = [set_name, str(sigma), str(n), cell(one),
+                           f"under way ({in_progress[(set_name, sigma)]} images done, resumable)", "–", cell(theirs),
+                           "–", "–", "–"]
+                else:
+                    psnr = many["means"]["psnr"]
+                    gain = f"{psnr - one['means']['psnr']:+.2f}" if one else "–"
+                    vs = f"{psnr - theirs['means']['psnr']:+.2f}" if theirs else "–"
+                    ref = {r["name"]: r["psnr"] for r in theirs["rows"]} if theirs else {}
+                    ahead = [r["psnr"] > ref[r["name"]] for r in many["rows"] if r["name"] in ref]
+                    row = [set_name, str(sigma), str(n), cell(one), cell(many), gain, cell(theirs), vs,
+                           f"{sum(ahead)} of {len(ahead)}" if ahead else "–", f"{many['means']['seconds']:.1f}"]
+                lines.append("| " + " | ".join(row) + " |")
+    if len(lines) == 2:
+        lines.append("| no self-ensembled run yet | | | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -521,6 +563,7 @@ def ensemble_table() -> str:
 BLOCKS = {
     "results": results_table,
     "vs-bm3d": vs_bm3d_table,
+    "ensemble-eval": ensemble_eval_table,
     "training-compare": lambda: training_table("cpu-"),
     "training-shipped": lambda: training_table("nerd-"),
     "model-card": model_card,

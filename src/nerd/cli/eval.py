@@ -1,7 +1,8 @@
 """`nerd eval`: score a method (nerd, dncnn, bm3d, noisy) on benchmark sets under the one protocol.
 
 Writes ``<out>/eval-<tag>-<set>-s<sigma>.json`` per (set, sigma) and a summary ``<out>/eval-<tag>.md``; the tag is
-the method, then the weights name (nerd), any solver overrides and ``first<N>`` for `--limit`. The summary covers
+the method, then the weights name (nerd), any solver overrides, ``x<N>`` for `--ensemble` and ``first<N>`` for
+`--limit`. The summary covers
 this run's reports and those an earlier run left in ``<out>`` under the same tag (for nerd: of the same weights file),
 so a BSD68 run after a Set12 one adds to its summary instead of replacing it. Prints the means.
 While a set runs, ``<out>/eval-<tag>-<set>-s<sigma>.json.partial`` keeps the finished images, so the same command
@@ -45,6 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anchors", default=None, metavar="DIR",
                    help="dncnn: folder of dncnn_sigma*.safetensors "
                    "(default: $NERD_ANCHORS, else ../shared/anchors)")
+    p.add_argument("--ensemble", type=int, default=1, metavar="N",
+                   help="self-ensemble: score the mean of N solves (1, 2, 4 or 8), each on a rotated/flipped copy "
+                   "of the noisy image and turned back; N times the time; reported apart from the single-solve "
+                   "figures (its files' tag ends in xN; README, 'Self-ensemble'); default 1")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images of each set")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]", help="where nerd and dncnn run (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,6 +60,10 @@ def _check(args: argparse.Namespace) -> None:
 
     for sigma255 in args.sigma:
         check_sigma(sigma255)
+    from nerd.denoise import ENSEMBLES
+
+    if args.ensemble not in ENSEMBLES:
+        raise UserError(f"--ensemble must be one of {', '.join(map(str, ENSEMBLES))}, got {args.ensemble}")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     nerd_only = {"--weights": args.weights, "--iters": args.iters, "--tol": args.tol, "--solver": args.solver,
@@ -80,6 +89,8 @@ def _tag(args: argparse.Namespace, weights_name: str | None) -> str:
         parts.append(f"it{args.iters}")
     if args.tol is not None:
         parts.append(f"tol{args.tol:g}")
+    if args.ensemble > 1:
+        parts.append(f"x{args.ensemble}")
     if args.limit is not None:
         parts.append(f"first{args.limit}")
     return "-".join(parts)
@@ -190,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 report = evaluate(method, images, sigma255, set_name=set_name, progress=not args.no_progress,
                                   solver=solver, method_name=args.method, limit=args.limit,
-                                  meta={**meta, "data": str(data_root), "malloc": allocator.status}, partial=partial)
+                                  meta={**meta, "data": str(data_root), "malloc": allocator.status}, partial=partial,
+                                  ensemble=args.ensemble)
             except (EvalError, ImageError) as err:
                 raise UserError(str(err)) from None
             if report.meta.get("resumed_rows"):
