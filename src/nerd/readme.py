@@ -79,6 +79,11 @@ def _nerd_in_progress(ensemble: int = 1) -> dict[tuple[str, int], int]:
     return done
 
 
+def _cell(data: dict | None) -> str:
+    """A report's mean 'PSNR / SSIM', or 'not measured'."""
+    return f"{data['means']['psnr']:.2f} / {data['means']['ssim']:.4f}" if data else "not measured"
+
+
 def results_table() -> str:
     evals = _load_evals()
     in_progress = _nerd_in_progress()
@@ -91,8 +96,7 @@ def results_table() -> str:
             cells = []
             nerd = evals.get(("nerd", set_name, sigma))
             for method in ("nerd", "dncnn", "bm3d"):
-                data = evals.get((method, set_name, sigma))
-                cells.append(f"{data['means']['psnr']:.2f} / {data['means']['ssim']:.4f}" if data else "not measured")
+                cells.append(_cell(evals.get((method, set_name, sigma))))
             if not nerd and (set_name, sigma) in in_progress:
                 cells[0] += f" ({in_progress[(set_name, sigma)]} images done, resumable)"
             iters = f"{nerd['means']['nfe']:.1f}" if nerd and nerd["means"].get("nfe") is not None else "–"
@@ -136,7 +140,7 @@ def ensemble_eval_table() -> str:
     (which is not ensembled): whole sets only, and those under way (a resumable partial file) say how far they are."""
     from nerd.denoise import ENSEMBLES
 
-    single = bm3d = _load_evals()  # one solve each; BM3D is never ensembled
+    single = _load_evals()  # one solve each (NERD's single solves, BM3D)
     lines = ["| set | σ | solves | nerd, one solve | nerd, mean of the solves | gain (dB) | BM3D | vs BM3D (dB) "
              "| ahead of BM3D on | s/image |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -145,16 +149,12 @@ def ensemble_eval_table() -> str:
         for sigma in TABLE_SIGMAS:
             for n, (evals, in_progress) in runs.items():
                 one, many = single.get(("nerd", set_name, sigma)), evals.get(("nerd", set_name, sigma))
-                theirs = bm3d.get(("bm3d", set_name, sigma))
+                theirs = single.get(("bm3d", set_name, sigma))
                 if not many and (set_name, sigma) not in in_progress:
                     continue
-
-                def cell(data: dict | None) -> str:
-                    return f"{data['means']['psnr']:.2f} / {data['means']['ssim']:.4f}" if data else "not measured"
-
                 if not many:
-                    row = [set_name, str(sigma), str(n), cell(one),
-                           f"under way ({in_progress[(set_name, sigma)]} images done, resumable)", "–", cell(theirs),
+                    row = [set_name, str(sigma), str(n), _cell(one),
+                           f"under way ({in_progress[(set_name, sigma)]} images done, resumable)", "–", _cell(theirs),
                            "–", "–", "–"]
                 else:
                     psnr = many["means"]["psnr"]
@@ -162,7 +162,7 @@ def ensemble_eval_table() -> str:
                     vs = f"{psnr - theirs['means']['psnr']:+.2f}" if theirs else "–"
                     ref = {r["name"]: r["psnr"] for r in theirs["rows"]} if theirs else {}
                     ahead = [r["psnr"] > ref[r["name"]] for r in many["rows"] if r["name"] in ref]
-                    row = [set_name, str(sigma), str(n), cell(one), cell(many), gain, cell(theirs), vs,
+                    row = [set_name, str(sigma), str(n), _cell(one), _cell(many), gain, _cell(theirs), vs,
                            f"{sum(ahead)} of {len(ahead)}" if ahead else "–", f"{many['means']['seconds']:.1f}"]
                 lines.append("| " + " | ".join(row) + " |")
     if len(lines) == 2:
