@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -181,3 +182,35 @@ def test_a_self_ensemble_is_reported_apart_from_the_single_solves(tmp_path, monk
     assert rows[0] == ("| Set12 | 25 | 8 | 29.40 / 0.8000 | 29.60 / 0.8000 | +0.20 | 29.50 / 0.8000 | +0.10 "
                        "| 1 of 2 | 4.0 |")
     assert rows[1].startswith("| BSD68 | 50 | 4 | not measured | under way (1 images done, resumable) |")
+
+
+def test_a_run_validated_on_whole_images_is_marked_with_its_own_reference(tmp_path, monkeypatch):
+    """Whole held-out images score ~0.3 dB above the 96² crops: such a run's row says so, the whole-image reference
+    row appears only beside it, and the stage plot (on the crops' scale) leaves it out."""
+    (tmp_path / "training").mkdir()
+    model = {"channels": 48, "heads": 3, "window": 33}
+    for crop, suffix in ((96, ""), (0, "-whole")):
+        (tmp_path / "training" / f"val-reference-s25{suffix}.json").write_text(json.dumps(
+            {"sigma": 25.0, "crop": crop, "images": 8, "val_psnr": {"bm3d": 27.6 - crop / 300, "dncnn": 28.0}}))
+
+    def write_run(name: str, val_crop: int) -> None:
+        config = {"model": model, "grad": {"steps": 3}, "solver": {"max_iter": 17},
+                  "train": {"crop": 64, "batch": 12, "val_crop": val_crop}}
+        (tmp_path / "training" / f"{name}.json").write_text(json.dumps(
+            {"run": name, "config": config, "crops": 12, "cpu_hours": 1.0, "wall_hours": 1.0,
+             "best_val_psnr": 27.5, "validation": [{"cpu_s": 3600.0, "val_psnr": 27.5}]}))
+
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    write_run("nerd-s25", 96)
+    table = readme.training_table("nerd-")
+    assert "same validation crops" in table and "whole held-out images" not in table and "(val: whole" not in table
+    write_run("nerd-s25e", 0)
+    table = readme.training_table("nerd-").splitlines()
+    assert any(r.startswith("| nerd-s25e (val: whole images) |") for r in table)
+    assert table[-1].startswith("| _reference, σ 25_ | whole held-out images |")  # after the crops' references
+    if importlib.util.find_spec("matplotlib"):
+        original = readme.chained
+        seen: list[str] = []
+        monkeypatch.setattr(readme, "chained", lambda runs, *a, **k: seen.extend(runs) or original(runs, *a, **k))
+        readme.plot_stages()
+        assert seen == ["nerd-s25"]

@@ -205,7 +205,8 @@ def collect_run(run: Path) -> Path:
 
 def val_reference(sigma255: float, crop: int = 96, holdout: int = 8) -> Path:
     """Noisy input, DnCNN-S and BM3D on the training runs' validation crops (held-out Train400) at `sigma255`:
-    the scale on which the runs' validation PSNR can be read. Writes results/training/val-reference-s<S>.json."""
+    the scale on which the runs' validation PSNR can be read. Writes results/training/val-reference-s<S>.json
+    (crop 0: the whole held-out images, as a run with `val_crop = 0` validates, to val-reference-s<S>-whole.json)."""
     import math
 
     import torch
@@ -225,7 +226,7 @@ def val_reference(sigma255: float, crop: int = 96, holdout: int = 8) -> Path:
                 mse = (method(y, sigma255 / 255).clamp(0, 1).double() - x.double()).pow(2).mean().item()
                 psnrs.append(10 * math.log10(1 / mse))
             scores[name] = sum(psnrs) / len(psnrs)
-    out = RESULTS / "training" / f"val-reference-s{round(sigma255)}.json"
+    out = RESULTS / "training" / f"val-reference-s{round(sigma255)}{'' if crop else '-whole'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"sigma": sigma255, "crop": crop, "images": holdout, "val_psnr": scores}, indent=1))
     return out
@@ -302,6 +303,8 @@ def plot_stages() -> Path | None:
         return None
     folder = RESULTS / "training"
     runs = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json") if not p.stem.startswith("val-")}
+    # the curves share the 96² crops' scale: a run validated on whole images (val_crop 0) is left to the table
+    runs = {n: r for n, r in runs.items() if r.get("config", {}).get("train", {}).get("val_crop", 96)}
     if not any(name in runs for name in SIGMA25_STAGES):
         return None
     gpu_runs = {n: r for n, r in runs.items() if on_gpu(r) and n.startswith("nerd-")}
@@ -392,17 +395,24 @@ def training_table(prefix: str) -> str:
         gain = last_doubling_gain(s["validation"], clock)
         default = ModelConfig.expansion  # the paper's width factor
         wide = f", hidden ×{m['expansion']}" if m.get("expansion", default) != default else ""
+        # A run validated on the whole held-out images (val_crop 0) reads on another scale than the 96² crops.
+        label = s["run"] if t.get("val_crop", 96) else f"{s['run']} (val: whole images)"
         rows.append(
-            f"| {s['run']} | {m['channels']} / {m['heads']} / {m['window']}{wide} | {t['crop']}² × {t['batch']} | "
+            f"| {label} | {m['channels']} / {m['heads']} / {m['window']}{wide} | {t['crop']}² × {t['batch']} | "
             f"{t.get('train_iters') or s['config']['solver']['max_iter']} / T{g['steps']} | {s['crops']:,} | "
             f"{compute_label(s)} | {s['best_val_psnr']:.2f} | {'–' if gain is None else f'{gain:+.2f}'} | {curve} |"
         )
     if not rows:
         return "_no runs collected yet_"
-    for path in sorted((RESULTS / "training").glob("val-reference-s*.json")):
+    whole = any(not s["config"]["train"].get("val_crop", 96) for s in summaries)
+    references = (RESULTS / "training").glob("val-reference-s*.json")
+    for path in sorted(references, key=lambda p: (p.stem.endswith("-whole"), p.name)):  # the crops' rows first
         ref = json.loads(path.read_text())
+        if not ref.get("crop", 96) and not whole:  # the whole-image scale only beside a run that validated on it
+            continue
         refs = ", ".join(f"{k} {v:.2f}" for k, v in ref["val_psnr"].items())
-        rows.append(f"| _reference, σ {ref['sigma']:g}_ | same validation crops | | | | | | | {refs} |")
+        where = "same validation crops" if ref.get("crop", 96) else "whole held-out images"
+        rows.append(f"| _reference, σ {ref['sigma']:g}_ | {where} | | | | | | | {refs} |")
     head = [
         "| run | channels / heads / q | crop × batch | Broyden / phantom T | crops | compute | best val PSNR (dB) "
         "| gain, last doubling (dB) | val PSNR @ compute (h: CPU-hours, m: GPU-minutes) |",
@@ -594,9 +604,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect", nargs="+", metavar="RUN", help="summarise training runs into results/training")
     parser.add_argument("--val-reference", nargs="+", type=float, metavar="SIGMA",
                         help="score noisy / DnCNN-S / BM3D on the runs' validation crops at these sigmas")
+    parser.add_argument("--val-crop", type=int, default=96,
+                        help="with --val-reference: the crop side, 0 for the whole held-out images (default 96)")
     args = parser.parse_args(argv)
     for sigma in args.val_reference or []:
-        print(f"wrote {val_reference(sigma)}")
+        print(f"wrote {val_reference(sigma, args.val_crop)}")
     for run in args.collect or []:
         print(f"collected {collect_run(Path(run))}")
     if args.collect:
