@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Score the shipped NERD weights on a benchmark set on a lent GPU, with the device time a training call left over
-# (NERD on Urban100 takes 3 to 4 minutes an image on this 2-core CPU, 6 to 7 hours a sigma; not measured on a GPU yet).
+# (NERD on Urban100 takes 1 to 4 minutes an image on a 2-core CPU, 2 to 7 hours a sigma; not measured on a GPU yet).
 #
 # `nerd eval` scores in IEEE float32 on a GPU too (TF32 off), under the one protocol, so the figures stand beside the
 # CPU's; the README marks their seconds "(GPU)". Reports go straight into $OUT: a call stopped at its limit still
