@@ -188,7 +188,7 @@ def test_lr_schedule_follows_a_time_budget():
     assert lr_at(10, 20, cfg, elapsed_s=0) == pytest.approx(5e-4)  # the step cap still counts
 
 
-def test_run_with_a_time_budget_stops_decayed_and_validated(image_folder, tmp_path, monkeypatch):
+def test_run_with_a_time_budget_stops_decayed_and_validated(image_folder, tmp_path, monkeypatch, capsys):
     import time
     import types
 
@@ -199,7 +199,9 @@ def test_run_with_a_time_budget_stops_decayed_and_validated(image_folder, tmp_pa
     monkeypatch.setattr("nerd.train.time", clock)
     cfg = tiny_config(image_folder, steps=10**6)
     cfg = replace(cfg, train=replace(cfg.train, minutes=0.05, val_every=10**6, lr_min=0.0))
-    run = train(cfg, out=tmp_path / "run", progress=False)
+    run = train(cfg, out=tmp_path / "run", progress=True)
+    bar = capsys.readouterr().err.split("\r")[-1]  # the progress bar's last state: the budget, in minutes, all spent
+    assert "100%" in bar and "0.05/0.05 min" in bar, bar
     rows = list(csv.DictReader(open(run / "log.csv")))
     elapsed = [float(r["elapsed_s"]) for r in rows]
     assert elapsed == [round(0.25 + 0.5 * i, 1) for i in range(len(rows))]  # 0.5 s a step after the first (log.csv

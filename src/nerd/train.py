@@ -367,10 +367,15 @@ def train(
     ended = step >= total or time_up()  # the run's length is reached: steps, or its time budget
     finished_before = ended  # resuming a finished run changes nothing
     bar = None
+    by_time = t.minutes > 0  # a time budget: the bar follows it (steps, if also set, may end the run first)
     if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=step, desc=run.name, unit="step", dynamic_ncols=True)
+        if by_time:  # a bar over the steps would show an epoch count the run never reaches
+            bar = tqdm(total=t.minutes, initial=min(elapsed, 60 * t.minutes) / 60, desc=run.name, unit="min",
+                       dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} min [{postfix}]")
+        else:
+            bar = tqdm(total=total, initial=step, desc=run.name, unit="step", dynamic_ncols=True)
     if t.init and ckpt is None and t.val_every and not ended:
         run_validation()  # step 0 of a stage: where its init stands (best.safetensors must then beat it)
     started, last_ckpt = time.monotonic(), time.monotonic()
@@ -402,7 +407,7 @@ def train(
             cpu += time.process_time() - c_step
             c_step = time.process_time()
             if bar is not None:
-                bar.update(1)
+                bar.update(min(elapsed / 60, t.minutes) - bar.n if by_time else 1)
             if rank == 0 and (step % t.log_every == 0 or step == total):
                 stats = eq.stats if eq is not None else None
                 row = {"step": step, "lr": f"{optimizer.param_groups[0]['lr']:.3e}", "loss": f"{loss.item():.4e}",
