@@ -125,6 +125,47 @@ def test_a_stage_started_from_a_checkpoint_carries_its_adam_moments(image_folder
         train(cfg, out=tmp_path / "third", progress=False)
 
 
+def test_moving_average_of_the_weights_is_kept_validated_exported_and_resumed(image_folder, tmp_path):
+    """train.ema: the average follows e_1 = w_1, e_k = d e_(k-1) + (1 - d) w_k over the trained weights w_k (and
+    BatchNorm's statistics) without changing the training itself; it is what best.safetensors, val.csv and
+    `export --last` hold, and a resumed run continues it exactly."""
+    d = 0.6
+    plain = tiny_config(image_folder, steps=4)
+    plain = replace(plain, train=replace(plain.train, val_every=0))
+    averaged = replace(plain, train=replace(plain.train, ema=d, val_every=2))
+    raw = []  # w_1 .. w_4 of the run without an average, one step at a time
+    for k in range(1, 5):
+        train(plain, out=tmp_path / "plain", resume=k > 1, stop_after=k, progress=False)
+        raw.append(torch.load(tmp_path / "plain" / "last.pt", weights_only=False)["model"])
+    train(averaged, out=tmp_path / "part", stop_after=2, progress=False)
+    run = train(averaged, out=tmp_path / "part", resume=True, progress=False)
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    from nerd.train import kept_weights
+
+    ema = kept_weights(ckpt)
+    for name, w4 in raw[-1].items():
+        assert torch.equal(ckpt["model"][name], w4), name  # the average leaves training alone
+        if not w4.is_floating_point():
+            continue
+        e = raw[0][name].double()
+        for w in raw[1:]:
+            e = d * e + (1 - d) * w[name].double()
+        torch.testing.assert_close(ema[name].double(), e, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(ema[k], v) for k, v in ckpt["model"].items() if v.is_floating_point())
+    val = list(csv.DictReader(open(run / "val.csv")))
+    assert [int(r["step"]) for r in val] == [2, 4] and all(r["val_psnr_raw"] for r in val)
+    best = max(val, key=lambda r: float(r["val_psnr"]))
+    model, info = load_weights(run / "best.safetensors")
+    assert info["scores"]["val_psnr"] == pytest.approx(float(best["val_psnr"]), abs=1e-4)
+    if int(best["step"]) == 4:
+        assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    from nerd.cli import main
+
+    assert main(["export", str(run), "--last", "--out", str(tmp_path / "last.safetensors")]) == 0
+    last = load_weights(tmp_path / "last.safetensors")[0].state_dict()
+    assert all(torch.equal(last[k], ema[k]) for k in last)
+
+
 def test_existing_run_needs_resume(image_folder, tmp_path):
     cfg = tiny_config(image_folder, steps=2)
     train(cfg, out=tmp_path / "r", progress=False)

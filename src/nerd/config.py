@@ -163,6 +163,10 @@ class TrainConfig:
         minutes: when > 0, the run's length is this much training time (validation excluded) rather than a step
             count: the cosine schedule follows the elapsed fraction of it, so a run on an unknown machine still
             decays to `lr_min` when its time is up; `steps` (if > 0) stays an upper bound.
+        ema: when > 0, the decay of an exponential moving average of the weights and BatchNorm statistics
+            (`torch.optim.swa_utils.AveragedModel`; KAIR keeps one at 0.999): the averaged weights are the ones
+            validated, kept as best.safetensors and exported, so the noise of small batches averages out;
+            val.csv then also reports the raw weights (`val_psnr_raw`), the same run's control.
     """
 
     data: str = ""
@@ -190,6 +194,7 @@ class TrainConfig:
     train_iters: int = 0
     init: str = ""
     minutes: float = 0.0
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         sigma = self.sigma if isinstance(self.sigma, (tuple, list)) else (self.sigma,)  # `sigma = 25` in a TOML
@@ -199,6 +204,8 @@ class TrainConfig:
         for name in ("crop", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema is a decay in [0, 1) (0: off), got {self.ema}")
 
     def total_steps(self, n_images: int) -> int:
         """Optimiser steps of the whole run for a training folder of `n_images` images."""

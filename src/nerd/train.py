@@ -3,7 +3,8 @@
 A run lives in a folder `runs/NAME/`:
     config.json      the resolved config
     machine.json     where it trained (device name, precision, torch), so its hours read as CPU or GPU time
-    last.pt          the one resumable checkpoint (model, optimiser, RNG states, step, elapsed time), atomic
+    last.pt          the one resumable checkpoint (model, optimiser, RNG states, step, elapsed time; with
+                     `train.ema`, the weights' moving average too), atomic
     best.safetensors the weights with the best validation PSNR so far (with their metadata)
     log.csv          one row per `log_every` steps: loss, lr, solver f-evaluations and residual, speed
     val.csv          one row per validation: PSNR on held-out training images, solver statistics
@@ -157,6 +158,15 @@ def plot_curve(run: Path) -> Path | None:
     return out
 
 
+def kept_weights(ckpt: dict) -> dict[str, Tensor]:
+    """The model state a training checkpoint stands for: its weights' moving average where the run kept one
+    (`train.ema`: those are the weights it validated and keeps), else the trained weights."""
+    if ckpt.get("ema") is None:
+        return ckpt["model"]
+    prefix = "module."  # AveragedModel holds the model as `.module`, beside its `n_averaged` counter
+    return {k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)}
+
+
 def _param_groups(model: DEQDenoiser) -> tuple[list[str], list[str]]:
     """Parameter names with weight decay and without (biases, norms, weight norm's magnitudes), in the order
     AdamW numbers them. Weight norm's directions (`original1`) are decayed: w does not depend on their length, so
@@ -170,9 +180,10 @@ def _param_groups(model: DEQDenoiser) -> tuple[list[str], list[str]]:
 def _load_init(model: DEQDenoiser, init: str, seed: int = 0) -> dict | None:
     """Load the weights a new stage starts from; returns the optimiser moments to carry over, if any.
 
-    `init` is a weights file (shipped name or .safetensors: a fresh AdamW) or a run's checkpoint `last.pt`, whose
-    AdamW moments come along: a fresh AdamW's first steps move every weight by about lr regardless of its gradient's
-    size, which costs a trained model validation PSNR that the next few hundred steps only win back.
+    `init` is a weights file (shipped name or .safetensors: a fresh AdamW) or a run's checkpoint `last.pt` (its
+    kept weights: the moving average where it had one), whose AdamW moments come along: a fresh AdamW's first steps
+    move every weight by about lr regardless of its gradient's size, which costs a trained model validation PSNR
+    that the next few hundred steps only win back.
     A model whose config differs from this run's only by an integer multiple of `expansion` is widened on the way
     in (`nerd.models.grow`: same function, copies made distinct by a 1e-2 noise drawn from `seed`).
     """
@@ -182,7 +193,7 @@ def _load_init(model: DEQDenoiser, init: str, seed: int = 0) -> dict | None:
         if not isinstance(state, dict) or not {"model", "optimizer"} <= set(state):
             raise ValueError(f"init {init}: not a training checkpoint (no model or optimizer state)")
         init_cfg = config_from_dict(state["config"]).model
-        weights, moments = state["model"], state["optimizer"]["state"]
+        weights, moments = kept_weights(state), state["optimizer"]["state"]
     else:
         from nerd.weights import load_weights
 
@@ -275,6 +286,12 @@ def train(
     model.to(dev).train()
     if world > 1:  # before the optimiser is built: the CPU variant replaces the BatchNorm modules
         distributed.sync_batchnorm(model, dev)
+    ema = None
+    if t.ema > 0:  # a copy made before compiling; updated after every step, BatchNorm's running statistics too
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True)
+    kept = ema.module if ema is not None else model  # the weights validated, kept and exported
     params = dict(model.named_parameters())
     decay, no_decay = ([params[n] for n in names] for names in _param_groups(model))
     optimizer = torch.optim.AdamW(
@@ -287,6 +304,8 @@ def train(
     step, elapsed, cpu, best = 0, 0.0, 0.0, -math.inf
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["rng"]["data"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -319,6 +338,7 @@ def train(
                 "config": config_to_dict(cfg),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
                 "rng": {"data": generator.get_state(), "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None},
                 "step": step,
@@ -335,15 +355,17 @@ def train(
             return
         rows = []
         for s, pairs in val_sets.items():
-            stats = validate(model, pairs, s, dev)  # full precision: it selects the best weights
+            stats = validate(kept, pairs, s, dev)  # full precision: it selects the best weights
             rows.append(stats)
-            _append_csv(run / "val.csv", VAL_FIELDS, {"step": step, "elapsed_s": round(elapsed, 1),
-                                                     "cpu_s": round(cpu, 1), "sigma": s,
-                                                     **{k: round(v, 5) for k, v in stats.items()}})
+            if ema is not None:  # the same run's control: the weights the optimiser holds
+                stats = {**stats, "val_psnr_raw": validate(model, pairs, s, dev)["val_psnr"]}
+            _append_csv(run / "val.csv", VAL_FIELDS + ["val_psnr_raw"] * (ema is not None),
+                        {"step": step, "elapsed_s": round(elapsed, 1), "cpu_s": round(cpu, 1), "sigma": s,
+                         **{k: round(v, 5) for k, v in stats.items()}})
         mean = sum(r["val_psnr"] for r in rows) / len(rows)
         if mean > best:
             best = mean
-            save_weights(model, run / "best.safetensors", sigma255=t.sigma[0],
+            save_weights(kept, run / "best.safetensors", sigma255=t.sigma[0],
                          scores={"val_psnr": round(mean, 4), "val_images": t.val_images},
                          train={"run": run.name, "step": step, "hours": round(elapsed / 3600, 3),
                                 "cpu_hours": round(cpu / 3600, 3), "crops": step * t.batch, "machine": where,
@@ -400,6 +422,8 @@ def train(
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             now = time.monotonic()
             elapsed += now - t_step

@@ -9,7 +9,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a run's weights as safetensors with config and scores in metadata")
     p.add_argument("run", help="run folder (runs/NAME) or its last.pt")
     p.add_argument("--out", required=True, help="destination .safetensors file")
-    p.add_argument("--last", action="store_true", help="export last.pt instead of the best validated weights")
+    p.add_argument("--last", action="store_true",
+                   help="export last.pt instead of the best validated weights (its moving average where the run "
+                   "kept one: train.ema)")
     p.add_argument("--scores", help="JSON file of measured scores to store in the metadata (e.g. an eval result)")
 
 
@@ -22,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from nerd.cli import UserError
     from nerd.config import config_from_dict, config_to_dict
     from nerd.models import DEQDenoiser
+    from nerd.train import kept_weights
     from nerd.weights import WeightsError, load_weights, save_weights
 
     src = Path(args.run)
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         cfg = config_from_dict(ckpt["config"])
         model = DEQDenoiser(cfg.model, solver=cfg.solver, grad=cfg.grad)
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(kept_weights(ckpt))  # the moving average, where the run kept one
         # the run's best validation figure belongs to best.safetensors, not to these last weights
         scores = {"run_best_val_psnr": round(ckpt["best_val"], 4), "last_step": ckpt["step"], **extra}
         train_meta = {"run": run_dir.name, "step": ckpt["step"], "hours": round(ckpt["elapsed_s"] / 3600, 3),
