@@ -430,7 +430,7 @@ def _init_name(init: str, name: str) -> str:
     """How the `init` of weights `name` reads in the model card: a run's exported file names the run, a shipped
     file its name (the file as it was when the run started, which a later run may have replaced)."""
     path = Path(init)
-    if path.parent.name == "weights":  # src/nerd/weights/<name>.safetensors
+    if path.parent.name == "weights" or (path.parent == Path(".") and not path.suffix):  # a shipped file or name
         when = "earlier" if path.stem == name else "then"
         return f"the {when} shipped {path.stem} (see the training table)"
     if path.parent.name == "device_data":  # an export carried to a GPU machine (scripts/gpu_train.sh)
@@ -461,18 +461,25 @@ def model_card() -> str:
     return "\n".join(lines) if len(lines) > 2 else "_no weights shipped yet_"
 
 
-def validate_table() -> str:
-    """results/training/validate-shipped.json (`nerd validate ... --json`): weights files on the held-out crops."""
-    path = RESULTS / "training" / "validate-shipped.json"
-    if not path.is_file():
-        return "_not measured yet: `nerd validate ... --json results/training/validate-shipped.json`_"
-    data = json.loads(path.read_text())
-    lines = [f"| weights | sha256 | σ | val PSNR (dB), {len(data['val_images'])} held-out {data['val_crop']}² crops "
-             "| f-evaluations | converged |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for r in data["rows"]:
-        lines.append(f"| `{r['weights']}` | `{r['sha256']}` | {r['sigma']:g} | {r['val_psnr']:.4f} | {r['nfe']:.1f} "
-                     f"| {r['converged']:.0%} |")
-    return "\n".join(lines)
+def validate_table(*names: str) -> str:
+    """results/training/<name>.json files (`nerd validate ... --json`): weights files on the held-out images, one
+    table of rows per file, the file's crop (or whole images) in its header."""
+    tables = []
+    for name in names:
+        path = RESULTS / "training" / f"{name}.json"
+        if not path.is_file():
+            tables.append(f"_not measured yet: `nerd validate ... --json results/training/{name}.json`_")
+            continue
+        data = json.loads(path.read_text())
+        held_out = f"{len(data['val_images'])} held-out " + (f"{data['val_crop']}² crops" if data["val_crop"]
+                                                              else "whole images")
+        lines = [f"| weights | sha256 | σ | val PSNR (dB), {held_out} | f-evaluations | converged |",
+                 "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for r in data["rows"]:
+            lines.append(f"| `{r['weights']}` | `{r['sha256']}` | {r['sigma']:g} | {r['val_psnr']:.4f} "
+                         f"| {r['nfe']:.1f} | {r['converged']:.0%} |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def _optional(module: str, func: str, *args: object) -> str:
@@ -582,7 +589,8 @@ BLOCKS = {
     "training-compare": lambda: training_table("cpu-"),
     "training-shipped": lambda: training_table("nerd-"),
     "model-card": model_card,
-    "validate-shipped": validate_table,
+    "validate-shipped": lambda: validate_table("validate-shipped"),
+    "validate-s50d": lambda: validate_table("validate-s50d", "validate-s50d-whole"),
     "speed": speed_tables,
     "attention-ab": attention_ab_table,
     "malloc-ab": malloc_ab_table,
