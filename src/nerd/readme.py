@@ -429,8 +429,10 @@ def training_table(prefix: str) -> str:
 def _init_name(init: str, name: str) -> str:
     """How the `init` of weights `name` reads in the model card: a run's exported file names the run, a shipped
     file its name (the file as it was when the run started, which a later run may have replaced)."""
+    from nerd.weights import shipped
+
     path = Path(init)
-    if path.parent.name == "weights" or (path.parent == Path(".") and not path.suffix):  # a shipped file or name
+    if path.parent.name == "weights" or init in shipped():  # src/nerd/weights/<name>.safetensors, or its name
         when = "earlier" if path.stem == name else "then"
         return f"the {when} shipped {path.stem} (see the training table)"
     if path.parent.name == "device_data":  # an export carried to a GPU machine (scripts/gpu_train.sh)
