@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Issue 6, step 6: train on a lent GPU for a fixed time, in one call of the device tool, and bring the runs back.
 #
-# Runs two time-budgeted recipes side by side on the one GPU (small models leave most of an H100 idle, so two
-# processes share it better than one after the other), each with bf16 autocast:
-#   configs/gpu/nerd-s25-gpu.toml  continue the best CPU-trained sigma-25 weights (nerd-s25d, preset s)
-#   configs/gpu/nerd-m25-gpu.toml  the wider preset m from scratch
+# Runs the time-budgeted recipes of configs/gpu/ named in RUNS side by side on the one GPU (small models leave most
+# of an H100 idle, so two processes share it better than one after the other), each with bf16 autocast. The default,
+# RUNS=s25w, is the next step for sigma 25: configs/gpu/nerd-s25w-gpu.toml grows the shipped lineage's small model
+# wider (hidden x8, nerd.models.grow) from runs/nerd-s25-gpu/last.pt, which is committed. The first call ran
+# RUNS="s25 m25" (continue the CPU's nerd-s25d weights; the wider preset m from scratch).
 # Each run ends by itself when its `train.minutes` are spent (the cosine schedule follows that budget); a hard
 # deadline (SIGTERM: checkpoint, then stop) guards the call's time limit. A run that fails at once under bf16 is
 # retried in float32. Each run comes back as one archive in $OUT (run folder with last.pt, best.safetensors, logs);
@@ -13,7 +14,9 @@
 #
 # Prepare here (../shared does not travel to the device machine; device_data/ is git-ignored and carried):
 #   mkdir -p device_data && cp -r ../shared/data/Train400 device_data/
-#   nerd export runs/nerd-s25d --last --out device_data/nerd-s25d.safetensors   (each config's `init`)
+# and each chosen config's `init` that is not in the tree (the script checks and names what is missing), e.g. for
+# RUNS=s25: git show 867b858:runs/nerd-s25d/last.pt > /tmp/s25d.pt &&
+#   nerd export /tmp/s25d.pt --last --out device_data/nerd-s25d.safetensors
 # Then, through the device tool: `bash scripts/gpu_train.sh` with carry ["device_data"]. RUNS picks other recipes
 # of configs/gpu/ (RUNS="s25b s15 s50" continued from the first call's sigma-25 result; RUNS=m25b continues the
 # wider model m, RUNS=s25w grows the small model wider on the way in (nerd.models.grow); see their headers).
@@ -32,7 +35,7 @@ OUT=${OUT:-gpu_out}
 DEVICE=${DEVICE:-cuda}
 DEADLINE=${DEADLINE:-480}   # seconds after the start at which every run still going gets SIGTERM
 STEPS=${STEPS:-}            # an optimiser-step cap (for a CPU test of this script)
-RUNS=${RUNS:-"s25 m25"}
+RUNS=${RUNS:-s25w}
 MINUTES=${MINUTES:-}        # override of train.minutes
 EVAL_ABOVE=${EVAL_ABOVE:-}  # score runs whose best validation PSNR exceeds this (dB); empty: score nothing
 EVAL_SETS=${EVAL_SETS:-"Set12 BSD68"}

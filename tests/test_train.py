@@ -51,6 +51,14 @@ def test_run_writes_logs_checkpoint_best_weights(image_folder, tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in exported.state_dict().items())
     assert all(torch.equal(last[k], ckpt[k]) for k in ckpt)
     assert not all(torch.equal(last[k], v) for k, v in exported.state_dict().items())
+    # a checkpoint file by another name (one taken from git history) is exported as it is, though a best exists
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "best.safetensors").write_bytes((run / "best.safetensors").read_bytes())
+    (tmp_path / "old" / "step6.pt").write_bytes((run / "last.pt").read_bytes())
+    assert main(["export", str(tmp_path / "old" / "step6.pt"), "--out", str(tmp_path / "named.safetensors")]) == 0
+    named = load_weights(tmp_path / "named.safetensors")[0].state_dict()
+    assert all(torch.equal(named[k], last[k]) for k in last)
+    assert main(["export", str(tmp_path / "old" / "nope.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
 
 
 def test_resume_reproduces_uninterrupted_run(image_folder, tmp_path):

@@ -135,6 +135,29 @@ def vs_bm3d_table() -> str:
     return "\n".join(lines)
 
 
+def solver_table() -> str:
+    """What the solver did on the test sets with the shipped weights (one solve an image): how many images reached the
+    tolerance within the cap, and the median / largest relative residual where it stopped."""
+    import statistics
+
+    evals = _load_evals()
+    lines = ["| set | σ | images | reached tol | f-evaluations, mean | residual, median | residual, largest (image) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for set_name in TABLE_SETS:
+        for sigma in TABLE_SIGMAS:
+            nerd = evals.get(("nerd", set_name, sigma))
+            rows = [r for r in (nerd or {}).get("rows", []) if r.get("residual") is not None]
+            if not rows:
+                continue
+            tol = nerd["meta"]["solver"]["tol"]
+            worst = max(rows, key=lambda r: r["residual"])
+            nfe = statistics.fmean(r["nfe"] for r in rows)
+            lines.append(f"| {set_name} | {sigma} | {len(rows)} | {sum(bool(r.get('converged')) for r in rows)} "
+                         f"(tol {tol:g}) | {nfe:.1f} | {statistics.median(r['residual'] for r in rows):.1e} "
+                         f"| {worst['residual']:.1e} ({worst['name']}) |")
+    return "\n".join(lines)
+
+
 def ensemble_eval_table() -> str:
     """The shipped NERD self-ensembled (`nerd eval --ensemble N`) on the test sets, beside its single solves and BM3D
     (which is not ensembled): whole sets only, and those under way (a resumable partial file) say how far they are."""
@@ -598,6 +621,7 @@ BLOCKS = {
     "malloc-ab": malloc_ab_table,
     "tiling": tiling_table,
     "ensemble": ensemble_table,
+    "solver-stats": solver_table,
     "speed-now": lambda: _optional("nerd.bench_report", "markdown_tables", RESULTS / "bench" / "after-malloc"
                                    / "bench-cpu.json", "results/bench/after-malloc", 4),
     "experiments": lambda: _optional("nerd.experiments", "markdown_summary", RESULTS / "experiments"),

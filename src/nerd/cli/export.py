@@ -7,7 +7,8 @@ import argparse
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a run's weights as safetensors with config and scores in metadata")
-    p.add_argument("run", help="run folder (runs/NAME) or its last.pt")
+    p.add_argument("run", help="run folder (runs/NAME), or a checkpoint .pt (its last.pt, or one by another "
+                   "name, e.g. from git history), which is exported as --last")
     p.add_argument("--out", required=True, help="destination .safetensors file")
     p.add_argument("--last", action="store_true",
                    help="export last.pt instead of the best validated weights (its moving average where the run "
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from nerd.weights import WeightsError, load_weights, save_weights
 
     src = Path(args.run)
-    run_dir = src.parent if src.suffix == ".pt" else src
+    from_pt = src.suffix == ".pt"  # a checkpoint by any name (e.g. from git history): that one, as with --last
+    run_dir = src.parent if from_pt else src
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
     extra = {}
@@ -38,23 +40,25 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read scores {args.scores}: {err}") from None
     best = run_dir / "best.safetensors"
-    if not args.last and best.exists():
+    if not (args.last or from_pt) and best.exists():
         try:
             model, info = load_weights(best)
         except WeightsError as err:
             raise UserError(str(err)) from None
         scores, train_meta, sigma = {**info["scores"], **extra}, info["train"], info["sigma"]
     else:
-        ckpt_path = run_dir / "last.pt"
+        ckpt_path = src if from_pt else run_dir / "last.pt"
         if not ckpt_path.exists():
-            raise UserError(f"no best.safetensors or last.pt in {run_dir}")
+            raise UserError(f"checkpoint not found: {ckpt_path}" if from_pt
+                            else f"no best.safetensors or last.pt in {run_dir}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         cfg = config_from_dict(ckpt["config"])
         model = DEQDenoiser(cfg.model, solver=cfg.solver, grad=cfg.grad)
         model.load_state_dict(kept_weights(ckpt))  # the moving average, where the run kept one
         # the run's best validation figure belongs to best.safetensors, not to these last weights
         scores = {"run_best_val_psnr": round(ckpt["best_val"], 4), "last_step": ckpt["step"], **extra}
-        train_meta = {"run": run_dir.name, "step": ckpt["step"], "hours": round(ckpt["elapsed_s"] / 3600, 3),
+        run = src.stem if from_pt and src.name != "last.pt" else run_dir.name  # s25d.pt: "s25d", not its folder
+        train_meta = {"run": run, "step": ckpt["step"], "hours": round(ckpt["elapsed_s"] / 3600, 3),
                       "crops": ckpt["step"] * cfg.train.batch, "config": config_to_dict(cfg)}
         sigma = cfg.train.sigma[0]
     where = run_dir / "machine.json"  # runs trained before train.py wrote it into the metadata itself
