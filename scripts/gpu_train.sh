@@ -19,7 +19,7 @@
 #   nerd export /tmp/s25d.pt --last --out device_data/nerd-s25d.safetensors
 # Then, through the device tool: `bash scripts/gpu_train.sh` with carry ["device_data"]. RUNS picks other recipes
 # of configs/gpu/ (RUNS="s25b s15 s50" continued from the first call's sigma-25 result; RUNS=m25b continues the
-# wider model m, RUNS=s25w grows the small model wider on the way in (nerd.models.grow); see their headers).
+# wider model m; see their headers).
 # Test on the CPU first: DEVICE=cpu STEPS=2 OUT=/tmp/gpu_out bash scripts/gpu_train.sh
 # Unpack what came back into runs/: tar xzf nerd-s25-gpu.tgz -C runs
 #
