@@ -12,8 +12,9 @@
 # Prepare here (../shared does not travel; device_eval/ is git-ignored and carried; the tree and what is carried
 # must stay under 64 MiB together, and Urban100 is 47 MB):
 #   mkdir -p device_eval && cp -r ../shared/data/Urban100 device_eval/
-# Then, through the device tool: `bash scripts/gpu_eval.sh` with carry ["device_eval"] (sigma 50, 100 images: the
-# nerd-s50 that nerd-s50d shipped; sigmas 15 and 25 of the shipped weights are done, on this CPU).
+# Then, through the device tool: `bash scripts/gpu_eval.sh` with carry ["device_eval"]. Every Urban100 sigma of
+# today's shipped weights is measured (on this CPU), so the default is for the next weights: a new nerd-s50 file, or
+# SIGMAS=25 after a new nerd-s25 (a report of the current file would be re-scored from the start).
 # Back here (F: the reply's files_at): cp F/eval/eval-nerd-*.json F/eval/eval-nerd-*.json.partial results/eval/,
 # then remove each results/eval/*.partial whose report (.json) now exists, and run `python -m nerd.readme`.
 # Test on the CPU first: mkdir -p device_eval && cp -r ../shared/data/Set12 device_eval/ &&
@@ -22,7 +23,7 @@ set -u
 OUT=${OUT:-gpu_out}
 DEVICE=${DEVICE:-cuda}
 SETS=${SETS:-Urban100}
-SIGMAS=${SIGMAS:-50}  # Urban100 sigmas 15 and 25 of the shipped weights are measured (results/eval); 50 is not
+SIGMAS=${SIGMAS:-50}  # the one to score after new weights; today's shipped files are all measured (results/eval)
 LIMIT=${LIMIT:-}
 mkdir -p "$OUT/eval"
 . scripts/device_env.sh
