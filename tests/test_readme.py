@@ -121,6 +121,19 @@ def test_a_stages_step_0_validation_is_its_start_not_its_result(tmp_path, monkey
     assert [r["step"] for r in summary["validation"]] == [50, 100]
 
 
+def test_a_run_stopped_by_its_budget_counts_to_its_final_validation_not_its_last_log_row(tmp_path, monkeypatch):
+    """A time budget ends a run between log rows; its closing validation row is where training stopped."""
+    run = tmp_path / "runs" / "nerd-y"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {"batch": 4}}))
+    (run / "val.csv").write_text("step,elapsed_s,cpu_s,sigma,val_psnr\n0,0,0,25,27.5\n295,4512,9000,25,27.49\n")
+    (run / "log.csv").write_text("step,cpu_s,elapsed_s\n290,8843,4437\n")
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    summary = json.loads(readme.collect_run(run).read_text())
+    assert summary["steps"] == 295 and summary["crops"] == 295 * 4
+    assert summary["cpu_hours"] == pytest.approx(9000 / 3600) and summary["wall_hours"] == pytest.approx(4512 / 3600)
+
+
 def test_a_side_by_side_file_written_by_the_scripts_helper_renders(tmp_path, monkeypatch):
     """scripts/tiling_check.py (and the A/B scripts) write through nerd.bench.write_side_by_side; the README's
     table reads that file back: command, conditions, one row a case."""

@@ -205,7 +205,10 @@ def collect_run(run: Path) -> Path:
     if (run / "log.csv").exists():
         with open(run / "log.csv", newline="") as fh:
             log_rows = list(csv.DictReader(fh))
-    last = log_rows[-1] if log_rows else {}
+    # A run stopped by its time budget validates at its final step without a log.csv row there, so the
+    # later of the two files' last rows is where training ended (both carry step, elapsed_s and cpu_s).
+    ends = [rows[-1] for rows in (log_rows, [{k: str(v) for k, v in r.items()} for r in val]) if rows]
+    last = max(ends, key=lambda r: float(r.get("step", 0))) if ends else {}
     where = run / "machine.json"  # runs from before train.py wrote it trained on this CPU
     machine = json.loads(where.read_text()) if where.is_file() else {"device": "cpu", "name": "cpu"}
     out = RESULTS / "training" / f"{run.name}.json"
