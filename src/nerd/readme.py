@@ -207,8 +207,9 @@ def collect_run(run: Path) -> Path:
             log_rows = list(csv.DictReader(fh))
     # A run stopped by its time budget validates at its final step without a log.csv row there, so the
     # later of the two files' last rows is where training ended (both carry step, elapsed_s and cpu_s).
-    ends = [rows[-1] for rows in (log_rows, [{k: str(v) for k, v in r.items()} for r in val]) if rows]
-    last = max(ends, key=lambda r: float(r.get("step", 0))) if ends else {}
+    keys = ("step", "elapsed_s", "cpu_s")
+    ends = [{k: float(rows[-1].get(k) or 0) for k in keys} for rows in (log_rows, val) if rows]
+    last = max(ends, key=lambda r: r["step"], default=dict.fromkeys(keys, 0.0))
     where = run / "machine.json"  # runs from before train.py wrote it trained on this CPU
     machine = json.loads(where.read_text()) if where.is_file() else {"device": "cpu", "name": "cpu"}
     out = RESULTS / "training" / f"{run.name}.json"
@@ -218,10 +219,10 @@ def collect_run(run: Path) -> Path:
         "machine": machine,
         "config": config,
         "validation": val,
-        "steps": int(float(last.get("step", 0))) if last else 0,
-        "cpu_hours": float(last.get("cpu_s", 0) or 0) / 3600 if last else 0.0,
-        "wall_hours": float(last.get("elapsed_s", 0) or 0) / 3600 if last else 0.0,
-        "crops": int(float(last.get("step", 0))) * config["train"]["batch"] if last else 0,
+        "steps": int(last["step"]),
+        "cpu_hours": last["cpu_s"] / 3600,
+        "wall_hours": last["elapsed_s"] / 3600,
+        "crops": int(last["step"]) * config["train"]["batch"],
         "best_val_psnr": max((r["val_psnr"] for r in val), default=None),
         "init_val_psnr": init_val,
     }
