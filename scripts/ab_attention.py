@@ -3,10 +3,10 @@
     python scripts/ab_attention.py --rev ee5f55c --threads 1     # about 10 minutes on one core
 
 The earlier `src/nerd/models/attention.py` is read with `git show REV:...` and loaded as a module; both versions
-run in this process, interleaved round robin (`nerd.bench.interleaved`), on the same inputs: the attention alone
+run in this process, interleaved round robin (`nerd.lab.bench.interleaved`), on the same inputs: the attention alone
 (whole images, training patches forward and backward) and a whole NERD denoise with the shipped sigma-25 weights
 (17 Broyden iterations), where the earlier attention is swapped into the model. Also records the largest output
-difference (the two must agree). Writes results/bench/attention-ab.json, which `python -m nerd.readme` renders.
+difference (the two must agree). Writes results/bench/attention-ab.json, which `python tools/readme.py` renders.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import nerd.models.attention as current
-from nerd.bench import _median, interleaved, write_side_by_side
+from nerd.lab.bench import median, interleaved, write_side_by_side
 from nerd.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, make in cases:
         calls = {"before": make(old), "now": make(current)}
         timings = interleaved(calls, torch.device("cpu"), args.repeats, warmup=1)
-        before, now = (_median(timings[k][0]) for k in ("before", "now"))
+        before, now = (median(timings[k][0]) for k in ("before", "now"))
         diff = float((timings["before"][1] - timings["now"][1]).abs().max())
         rows.append({"case": label, "before_s": before, "now_s": now, "speedup": before / now, "max_abs_diff": diff})
         print(f"{label}: {before:.3f} s -> {now:.3f} s ({before / now:.2f}x), max |diff| {diff:.1e}", flush=True)

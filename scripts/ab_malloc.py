@@ -8,7 +8,7 @@ iterations); its wall time, user and kernel CPU time and peak resident size come
 PSNR and f-evaluations from the report it writes. The variants must give the same PSNR (the allocator changes no
 arithmetic) and their reports must record the malloc setting asked for; the script stops if not. Inherited malloc
 settings (NERD_MALLOC, LD_PRELOAD, glibc's variables) are cleared, so that each variant sets only its own. Writes
-results/bench/malloc-ab.json, which `python -m nerd.readme` renders into the README.
+results/bench/malloc-ab.json, which `python tools/readme.py` renders into the README.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                          "speedup_solver": base["solver_s"] / med["solver_s"],
                          "each": {k: [r[k] for r in rs] for k in timed},  # every run, for the spread
                          **{k: rs[0][k] for k in ("psnr", "nfe", "malloc", "threads", "weights")}})
-    from nerd.bench import write_side_by_side  # imported only now (torch): the timed processes are separate
+    from nerd.lab.bench import write_side_by_side  # imported only now (torch): the timed processes are separate
     write_side_by_side(args.out, "ab_malloc.py", argv, rows, load, repeats=args.repeats, threads=rows[0]["threads"],
                        cores=os.cpu_count(), tcmalloc=tcmalloc)
     return 0

@@ -7,7 +7,7 @@ validation draws it, from RandomState(i) for image i, though the runs validate o
 weights of each sigma with their solver. Each image is solved once on each of the square's 8 symmetries
 (`nerd.data.patches.dihedral`) and turned back; the result for N is the mean of the first N, which is what
 `denoise_image(..., ensemble=N)` computes (tests/test_denoise.py checks that), and its time is the sum of those N
-solves. Writes results/bench/ensemble.json, which `python -m nerd.readme` renders into the README.
+solves. Writes results/bench/ensemble.json, which `python tools/readme.py` renders into the README.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def check(sigma255: float) -> list[dict]:
 
 
 def main() -> None:
-    from nerd.bench import write_side_by_side
+    from nerd.lab.bench import write_side_by_side
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sigma", type=float, nargs="+", default=[25.0])

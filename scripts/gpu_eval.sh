@@ -16,7 +16,7 @@
 # today's shipped weights is measured (on this CPU), so the default is for the next weights: a new nerd-s50 file, or
 # SIGMAS=25 after a new nerd-s25 (a report of the current file would be re-scored from the start).
 # Back here (F: the reply's files_at): cp F/eval/eval-nerd-*.json F/eval/eval-nerd-*.json.partial results/eval/,
-# then remove each results/eval/*.partial whose report (.json) now exists, and run `python -m nerd.readme`.
+# then remove each results/eval/*.partial whose report (.json) now exists, and run `python tools/readme.py`.
 # Test on the CPU first: mkdir -p device_eval && cp -r ../shared/data/Set12 device_eval/ &&
 #   DEVICE=cpu SETS=Set12 LIMIT=1 SIGMAS=25 OUT=/tmp/gpu_eval bash scripts/gpu_eval.sh
 set -u

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from nerd.data.patches import load_folder, validation_pairs
 from nerd.evaluate import default_data_root
 from nerd.metrics import psnr
-from nerd.train import _atomic_save
+from nerd.train import atomic_save
 from nerd.weights import load_weights, save_weights
 
 
@@ -82,7 +82,7 @@ def main() -> None:
         state["pixels"] += u.shape[0]
         state["done"] = i + 1
         if state["done"] % 8 == 0 or state["done"] == len(train):
-            _atomic_save(state, state_path)
+            atomic_save(state, state_path)
             rate = (time.perf_counter() - start) / (state["done"] - first)
             print(f"  {state['done']}/{len(train)} images ({rate:.1f} s an image this run)", flush=True)
 

@@ -7,7 +7,7 @@ Each (image, tile) is one process (the `nerd` command's allocator setting, the s
 own. Reports PSNR and SSIM against the clean image, the difference from the whole-image solve, the solver's
 seconds and the peak memory of the solve (the peak resident size above the process's size before it, which is
 what the memory available has to hold), beside `nerd.tiling.solve_bytes`' estimate (what `nerd denoise --tile
-auto` decides with). Writes results/bench/tiling.json, which `python -m nerd.readme` renders into the README.
+auto` decides with). Writes results/bench/tiling.json, which `python tools/readme.py` renders into the README.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def one(path: str, tile: int, sigma: float) -> dict[str, Any]:
     allocator.tune()  # as the `nerd` command does
     import numpy as np
 
-    from nerd.bench import _proc_status_bytes
+    from nerd.lab.bench import proc_status_bytes
     from nerd.data.noise import protocol_noisy
     from nerd.denoise import denoise_image
     from nerd.io import load_gray
@@ -43,9 +43,9 @@ def one(path: str, tile: int, sigma: float) -> dict[str, Any]:
     x = load_gray(path).astype(np.float64)
     y = protocol_noisy(x, sigma).astype(np.float32)
     Path("/proc/self/clear_refs").write_text("5")  # the peak counts from here (Linux)
-    base = _proc_status_bytes("VmRSS")
+    base = proc_status_bytes("VmRSS")
     x_hat, s = denoise_image(model, y, sigma, device="cpu", tile=tile or None)
-    peak = _proc_status_bytes("VmHWM") - base
+    peak = proc_status_bytes("VmHWM") - base
     shape = s["tile_shape"] or x.shape
     return {"psnr": psnr(x_hat.astype(np.float64), x), "ssim": ssim(x_hat.astype(np.float64), x),
             "seconds": s["seconds"], "tiles": s["tiles"], "nfe": s["nfe"], "converged_tiles": s["tiles"] -
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(estimate {r['estimate_mib']:.0f})", flush=True)
     import torch
 
-    from nerd.bench import write_side_by_side
+    from nerd.lab.bench import write_side_by_side
     write_side_by_side(args.out, "tiling_check.py", argv, rows, load, repeats=1, threads=torch.get_num_threads(),
                        cores=os.cpu_count(), sigma=args.sigma)
     return 0

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from nerd.cli import main
-from nerd.experiments import EXPERIMENTS, Context, ExperimentError, markdown_summary, run_experiment
-from nerd.experiments.core import BUDGETS, base_config, train_run
-from nerd.experiments.verdict import (
+from nerd.lab.experiments import EXPERIMENTS, Context, ExperimentError, markdown_summary, run_experiment
+from nerd.lab.experiments.core import BUDGETS, base_config, train_run
+from nerd.lab.experiments.verdict import (
     NOT_MEASURABLE,
     NOT_REPRODUCED,
     REPRODUCED,
@@ -211,7 +211,7 @@ def test_diverged_run_is_scored_with_its_best_weights_and_not_retrained(ctx, mon
 def test_a_run_is_scored_with_its_best_weights_not_its_last(ctx, monkeypatch):
     # Smoke runs improve at every step, so there best = last; here validation is made to say that the first was best.
     from nerd import train as train_module
-    from nerd.experiments.core import evaluate_on, test_scores
+    from nerd.lab.experiments.core import evaluate_on, test_scores
     from nerd.models import create_model
 
     real = train_module.validate
@@ -259,7 +259,7 @@ def _check_runs(result: dict, n: int, ctx=None) -> None:
         assert r["test"]["images"] == 2 and r["test"]["means"]["psnr"] > 0
         assert r["config"]["train"]["seed"] == 0 and r["config"]["train"]["steps"] == 3
         if ctx is not None:  # the recorded test figure is the run's best weights scored again, not some other model
-            from nerd.experiments.core import evaluate_on
+            from nerd.lab.experiments.core import evaluate_on
             from nerd.weights import load_weights
 
             model, info = load_weights(Path(r["run_dir"]) / "best.safetensors")
@@ -273,7 +273,7 @@ def test_equilibrium_end_to_end_and_rerun_is_cached(ctx, monkeypatch):
     _check_runs(result, 2, ctx)
     assert "30.84/0.8736" in (ctx.out / "equilibrium.md").read_text()  # the paper's Table IV next to ours
     monkeypatch.setattr("nerd.train.train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
-    monkeypatch.setattr("nerd.experiments.core.evaluate_on",
+    monkeypatch.setattr("nerd.lab.experiments.core.evaluate_on",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-evaluated")))
     again = run_experiment("equilibrium", ctx)
     assert again["data"]["runs"]["noise-s25"]["test"] == result["data"]["runs"]["noise-s25"]["test"]
@@ -345,7 +345,7 @@ def test_iterations_sweeps_both_models(ctx):
 def test_unrolled_at_runs_exactly_n_iterations():
     from nerd.config import GradConfig
     from nerd.deq import unrolled
-    from nerd.experiments.iterations import UnrolledAt
+    from nerd.lab.experiments.iterations import UnrolledAt
     from nerd.models import create_model
 
     torch.manual_seed(0)
@@ -369,9 +369,10 @@ def test_markdown_summary(ctx, weights, tmp_path):
     text = markdown_summary(ctx.out)
     assert "| convergence | Fig. 10 |" in text and "not measurable at this scale" in text
     assert "### convergence" in text and "convergence.png" in text
-    from nerd.experiments.report import link_prefix
+    from nerd.lab.experiments.report import link_prefix
 
-    assert link_prefix(REPO / "results" / "experiments") == "results/experiments/"  # the README's links
+    assert link_prefix(REPO / "results" / "experiments", REPO) == "results/experiments/"
+    assert link_prefix(REPO / "results" / "experiments", REPO / "docs") == "../results/experiments/"  # docs' links
     assert link_prefix(ctx.out) == f"{ctx.out.as_posix()}/"
     assert str(REPO) not in markdown_summary(REPO / "results" / "nothing-here")
 

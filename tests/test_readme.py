@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from nerd import readme
+from tools import readme
 from nerd.weights import read_metadata, shipped
 
 
 def test_readme_tables_are_generated_from_the_results_files():
     text = (readme.ROOT / "README.md").read_text()
-    assert readme.render(text) == text, "README.md is out of date: run `python -m nerd.readme`"
+    assert readme.render(text) == text, "README.md is out of date: run `python tools/readme.py`"
 
 
 def test_every_block_is_present():
@@ -23,7 +23,7 @@ def test_every_block_is_present():
 
 
 def test_last_doubling_gain_interpolates_at_half_the_cpu_time():
-    from nerd.readme import last_doubling_gain
+    from tools.readme import last_doubling_gain
 
     curve = [{"cpu_s": 100.0, "val_psnr": 26.0}, {"cpu_s": 300.0, "val_psnr": 27.0}, {"cpu_s": 400.0, "val_psnr": 27.2}]
     # half of 400 s is 200 s, halfway between the first two validations: 26.5 dB
@@ -135,9 +135,9 @@ def test_a_run_stopped_by_its_budget_counts_to_its_final_validation_not_its_last
 
 
 def test_a_side_by_side_file_written_by_the_scripts_helper_renders(tmp_path, monkeypatch):
-    """scripts/tiling_check.py (and the A/B scripts) write through nerd.bench.write_side_by_side; the README's
+    """scripts/tiling_check.py (and the A/B scripts) write through nerd.lab.bench.write_side_by_side; the README's
     table reads that file back: command, conditions, one row a case."""
-    from nerd.bench import write_side_by_side
+    from nerd.lab.bench import write_side_by_side
 
     monkeypatch.setattr(readme, "RESULTS", tmp_path)
     row = {"image": "Set12/01.png", "width": 256, "height": 256, "tile": 128, "tile_shape": [107, 107], "tiles": 9,

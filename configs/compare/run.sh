@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Recipe comparison for the CPU (issue 6, step 1): each candidate trains for the same CPU budget
-# (process CPU time, which hardly depends on other load), then `python -m nerd.readme --collect runs/cpu-*` tabulates
+# (process CPU time, which hardly depends on other load), then `python tools/readme.py --collect runs/cpu-*` tabulates
 # validation PSNR per CPU-hour from the runs' val.csv into results/training/cpu-*-s25.json.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -66,7 +66,7 @@ def machine(dev: torch.device, amp: bool) -> dict:
             "threads": torch.get_num_threads() if dev.type == "cpu" else None, "torch": torch.__version__}
 
 
-def _atomic_save(obj: object, path: Path) -> None:
+def atomic_save(obj: object, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -333,7 +333,7 @@ def train(
     def checkpoint() -> None:
         if rank != 0:
             return
-        _atomic_save(
+        atomic_save(
             {
                 "config": config_to_dict(cfg),
                 "model": model.state_dict(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from nerd.bench_report import SECTIONS
+from nerd.lab.bench_report import SECTIONS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +63,7 @@ def _subject(args: argparse.Namespace, device: str):
     """The model under test (or None, with a note on stderr) from --preset, --weights or the shipped nerd-s25."""
     import sys
 
-    from nerd.bench import Subject
+    from nerd.lab.bench import Subject
     from nerd.cli import UserError
 
     if args.preset:
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from nerd.bench import BenchSettings, markdown_tables, run_bench
+    from nerd.lab.bench import BenchSettings, markdown_tables, run_bench
     from nerd.cli import UserError, check_device
     from nerd.evaluate import default_data_root
 

@@ -48,12 +48,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _context(args: argparse.Namespace):  # noqa: ANN202 -- nerd.experiments.Context
+def _context(args: argparse.Namespace):  # noqa: ANN202 -- nerd.lab.experiments.Context
     from pathlib import Path
 
     from nerd.cli import UserError
     from nerd.evaluate import default_data_root
-    from nerd.experiments import Context
+    from nerd.lab.experiments import Context
 
     for flag, value, low in (("--limit", args.limit, 1), ("--steps", args.steps, 1)):
         if value is not None and value < low:
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from nerd.cli import UserError
-    from nerd.experiments import EXPERIMENTS, ExperimentError, run_experiment
+    from nerd.lab.experiments import EXPERIMENTS, ExperimentError, run_experiment
 
     if args.name == "list":
         for e in EXPERIMENTS.values():

@@ -8,11 +8,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nerd.config import Config, GradConfig
-from nerd.experiments import paper
-from nerd.experiments.core import Context, Run, base_config, evaluate_on, means, test_key, test_scores, train_run
-from nerd.experiments.plots import learning_curves, paper_vs_ours
-from nerd.experiments.report import Outcome, Table, fmt, ps
-from nerd.experiments.verdict import Expect, from_numbers, judge
+from nerd.lab.experiments import paper
+from nerd.lab.experiments.core import Context, Run, base_config, evaluate_on, means, test_key, test_scores, train_run
+from nerd.lab.experiments.plots import learning_curves, paper_vs_ours
+from nerd.lab.experiments.report import Outcome, Table, fmt, ps
+from nerd.lab.experiments.verdict import Expect, from_numbers, judge
 
 
 def train_and_test(ctx: Context, exp: str, configs: Mapping[str, Config],

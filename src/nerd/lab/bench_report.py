@@ -1,6 +1,6 @@
 """Rendering of `nerd bench` results: the project's performance targets, the README tables and the solver plot.
 
-Split from `nerd.bench` so that the README generator can render a results file without the measuring code.
+Split from `nerd.lab.bench` so that the README generator can render a results file without the measuring code.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from nerd.experiments import paper
-from nerd.experiments.core import Context, evaluate_on, memo
-from nerd.experiments.probes import load_model
-from nerd.experiments.report import Outcome, Table, fmt, ps
-from nerd.experiments.verdict import NOT_MEASURABLE, Verdict, from_numbers, judge
+from nerd.lab.experiments import paper
+from nerd.lab.experiments.core import Context, evaluate_on, memo
+from nerd.lab.experiments.probes import load_model
+from nerd.lab.experiments.report import Outcome, Table, fmt, ps
+from nerd.lab.experiments.verdict import NOT_MEASURABLE, Verdict, from_numbers, judge
 
 
 def depth(ctx: Context) -> Outcome:

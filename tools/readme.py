@@ -1,8 +1,8 @@
-"""Regenerate the README's tables from the committed results files: `python -m nerd.readme [--check]`.
+"""Regenerate the README's tables from the committed results files: `python tools/readme.py [--check]`.
 
 Each generated block sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in README.md. No number in those
 blocks is typed by hand: they come from results/eval/*.json (`nerd eval`), results/training/*.json (collected from
-training runs with `python -m nerd.readme --collect RUN...`), results/bench/*.json (`nerd bench`),
+training runs with `python tools/readme.py --collect RUN...`), results/bench/*.json (`nerd bench`),
 results/experiments/ (`nerd experiment`) and the metadata of the shipped weights.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from nerd.config import ModelConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 
 # The paper's Table I (NERD trained on BSD, PSNR / SSIM), quoted as published, for side-by-side reading only.
@@ -524,7 +524,7 @@ def speed_tables() -> str:
     full = [f for f in files if not f.stem.endswith("quick")] or files
     if not full:
         return "_no benchmark results yet_"
-    return "\n\n".join(_optional("nerd.bench_report", "markdown_tables", f, "results/bench", 4) for f in full)
+    return "\n\n".join(_optional("nerd.lab.bench_report", "markdown_tables", f, "results/bench", 4) for f in full)
 
 
 def _ab_table(file: str, script: str, what: str, header: Callable[[dict], list[str]], row: Callable[[dict], str],
@@ -626,9 +626,9 @@ BLOCKS = {
     "tiling": tiling_table,
     "ensemble": ensemble_table,
     "solver-stats": solver_table,
-    "speed-now": lambda: _optional("nerd.bench_report", "markdown_tables", RESULTS / "bench" / "after-malloc"
+    "speed-now": lambda: _optional("nerd.lab.bench_report", "markdown_tables", RESULTS / "bench" / "after-malloc"
                                    / "bench-cpu.json", "results/bench/after-malloc", 4),
-    "experiments": lambda: _optional("nerd.experiments", "markdown_summary", RESULTS / "experiments"),
+    "experiments": lambda: _optional("nerd.lab.experiments", "markdown_summary", RESULTS / "experiments"),
 }
 
 
@@ -642,7 +642,7 @@ def render(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nerd.readme", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/readme.py", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
     parser.add_argument("--collect", nargs="+", metavar="RUN", help="summarise training runs into results/training")
     parser.add_argument("--val-reference", nargs="+", type=float, metavar="SIGMA",
@@ -662,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     new = render(old)
     if args.check:
         if new != old:
-            print("README.md is out of date: run `python -m nerd.readme`", file=sys.stderr)
+            print("README.md is out of date: run `python tools/readme.py`", file=sys.stderr)
             return 1
         return 0
     readme.write_text(new)

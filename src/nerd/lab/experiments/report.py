@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nerd.experiments.core import Context
-from nerd.experiments.verdict import Verdict, overall
+from nerd.lab.experiments.core import Context
+from nerd.lab.experiments.verdict import Verdict, overall
 
 
 @dataclass
@@ -164,18 +165,23 @@ def render_markdown(result: dict[str, Any], level: int = 2, figure_dir: str = ""
     return "\n".join(lines) + "\n"
 
 
-def link_prefix(out: Path) -> str:
-    """The results folder as a link prefix: relative to the repository root (where the README lives) when inside."""
-    try:
-        rel = out.resolve().relative_to(Path(__file__).resolve().parents[3])
-    except ValueError:
-        rel = out
+def link_prefix(out: Path, base: Path | None = None) -> str:
+    """The results folder as a link prefix: relative to `base` (the folder of the page that links it), or without
+    `base` relative to the working folder when inside it (else as given)."""
+    if base is not None:
+        rel = Path(os.path.relpath(out.resolve(), base.resolve()))
+    else:
+        try:
+            rel = out.resolve().relative_to(Path.cwd().resolve())
+        except ValueError:
+            rel = out
     return "" if str(rel) in ("", ".") else f"{rel.as_posix()}/"
 
 
-def markdown_summary(out_dir: str | Path, names: list[str] | None = None) -> str:
-    """All finished experiments of `out_dir` (their JSON files) as markdown: a summary table, then each one."""
-    from nerd.experiments import EXPERIMENTS
+def markdown_summary(out_dir: str | Path, names: list[str] | None = None, base: Path | None = None) -> str:
+    """All finished experiments of `out_dir` (their JSON files) as markdown: a summary table, then each one; links
+    relative to `base` (see `link_prefix`)."""
+    from nerd.lab.experiments import EXPERIMENTS
 
     out = Path(out_dir)
     results = []
@@ -184,10 +190,10 @@ def markdown_summary(out_dir: str | Path, names: list[str] | None = None) -> str
         if path.exists():
             results.append(json.loads(path.read_text()))
     if not results:
-        where = link_prefix(out).rstrip("/") or "."
+        where = link_prefix(out, base).rstrip("/") or "."
         return f"_No experiment results in {where} yet: run `nerd experiment NAME --out {where}`._\n"
     lines = ["| experiment | paper | what it compares | preset | verdict |", "| --- | --- | --- | --- | --- |"]
     for r in results:
         lines.append(f"| {r['name']} | {r['paper']} | {r['title']} | {r['preset']} | {r['verdict']} |")
-    body = [render_markdown(r, level=3, figure_dir=link_prefix(out)) for r in results]
+    body = [render_markdown(r, level=3, figure_dir=link_prefix(out, base)) for r in results]
     return "\n".join(lines) + "\n\n" + "\n".join(body)

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 
 from nerd.config import SolverConfig
-from nerd.experiments import paper
-from nerd.experiments.ablations import cpu_minutes, run_notes, runs_data, scale_note, train_and_test
-from nerd.experiments.core import Context, Run, base_config, evaluate_on, means, test_key
-from nerd.experiments.plots import learning_curves, paper_vs_ours
-from nerd.experiments.report import Outcome, Table, fmt, ps
-from nerd.experiments.verdict import from_numbers, from_order, judge
+from nerd.lab.experiments import paper
+from nerd.lab.experiments.ablations import cpu_minutes, run_notes, runs_data, scale_note, train_and_test
+from nerd.lab.experiments.core import Context, Run, base_config, evaluate_on, means, test_key
+from nerd.lab.experiments.plots import learning_curves, paper_vs_ours
+from nerd.lab.experiments.report import Outcome, Table, fmt, ps
+from nerd.lab.experiments.verdict import from_numbers, from_order, judge
 
 
 def early_drops(curve: list[dict[str, float]]) -> float:

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from nerd.config import GradConfig, SolverConfig
-from nerd.experiments.ablations import cpu_minutes, run_notes, runs_data, scale_note, train_and_test
-from nerd.experiments.core import Context, base_config, evaluate_on, means, test_key
-from nerd.experiments.report import Outcome, Table, ps
-from nerd.experiments.verdict import Expect, judge
+from nerd.lab.experiments.ablations import cpu_minutes, run_notes, runs_data, scale_note, train_and_test
+from nerd.lab.experiments.core import Context, base_config, evaluate_on, means, test_key
+from nerd.lab.experiments.report import Outcome, Table, ps
+from nerd.lab.experiments.verdict import Expect, judge
 
 
 class UnrolledAt:

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from nerd.config import SolverConfig
-from nerd.experiments.core import Context, ExperimentError, memo
-from nerd.experiments.equilibrium import load_figure_image
-from nerd.experiments.report import Outcome, Table, fmt
-from nerd.experiments.verdict import Expect, judge
+from nerd.lab.experiments.core import Context, ExperimentError, memo
+from nerd.lab.experiments.equilibrium import load_figure_image
+from nerd.lab.experiments.report import Outcome, Table, fmt
+from nerd.lab.experiments.verdict import Expect, judge
 
 
 def load_model(ctx: Context, default: str) -> tuple[torch.nn.Module, dict[str, Any]]:

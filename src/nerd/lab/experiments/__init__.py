@@ -3,7 +3,7 @@
 Each experiment trains or loads what it needs, writes ``<out>/<name>.json`` (settings, curves, validation and test
 figures), ``<out>/<name>.md`` (the paper's figures next to ours, with a verdict) and ``<out>/<name>.png``, and
 prints the paper's ordering next to ours: "reproduced", "not reproduced" or "not measurable at this scale"
-(`nerd.experiments.verdict`). Training runs live in ``<out>/<name>/runs/`` and resume when re-run.
+(`nerd.lab.experiments.verdict`). Training runs live in ``<out>/<name>/runs/`` and resume when re-run.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nerd.experiments.core import BUDGETS, PRESETS, Context, ExperimentError
+from nerd.lab.experiments.core import BUDGETS, PRESETS, Context, ExperimentError
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Experiment:
     def function(self) -> Callable[[Context], Any]:
         import importlib
 
-        return getattr(importlib.import_module(f"nerd.experiments.{self.module}"), self.name)
+        return getattr(importlib.import_module(f"nerd.lab.experiments.{self.module}"), self.name)
 
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
@@ -48,7 +48,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
 
 def run_experiment(name: str, ctx: Context) -> dict[str, Any]:
     """Run experiment `name` in `ctx` and write its JSON, markdown and figure; returns the JSON dict."""
-    from nerd.experiments.report import write_outcome
+    from nerd.lab.experiments.report import write_outcome
 
     if name not in EXPERIMENTS:
         raise ExperimentError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
@@ -56,11 +56,12 @@ def run_experiment(name: str, ctx: Context) -> dict[str, Any]:
     return write_outcome(ctx, outcome)
 
 
-def markdown_summary(out_dir: Any) -> str:
-    """Every finished experiment in `out_dir` as markdown (a summary table, then each one), for the README."""
-    from nerd.experiments.report import markdown_summary as render
+def markdown_summary(out_dir: Any, base: Any = None) -> str:
+    """Every finished experiment in `out_dir` as markdown (a summary table, then each one), links relative to the
+    folder `base` of the page that shows it (default: the working folder)."""
+    from nerd.lab.experiments.report import markdown_summary as render
 
-    return render(out_dir)
+    return render(out_dir, base=base)
 
 
 __all__ = ["BUDGETS", "EXPERIMENTS", "PRESETS", "Context", "Experiment", "ExperimentError", "markdown_summary",

@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from nerd import allocator
-from nerd.bench_report import (  # noqa: F401 (markdown_tables re-exported)
+from nerd.lab.bench_report import (  # noqa: F401 (markdown_tables re-exported)
     SECTIONS,
     _clean,
     _render_meta,
@@ -149,7 +149,7 @@ def interleaved(
     return {name: (times[name], last.get(name)) for name in calls}
 
 
-def _median(xs: list[float]) -> float:
+def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
@@ -213,7 +213,7 @@ class Subject:
 
 def write_side_by_side(out: Path, script: str, argv: list[str] | None, rows: list[dict[str, Any]],
                        loadavg_start: float, **meta: Any) -> None:
-    """Write the results file of a side-by-side script (`scripts/<script>`), as `python -m nerd.readme` reads it:
+    """Write the results file of a side-by-side script (`scripts/<script>`), as `python tools/readme.py` reads it:
     {"meta": the run's conditions (CPU model, torch, 1-minute load at the start, date, the command line) and `meta`,
     "rows": rows}. `argv` is the script's arguments (None: sys.argv's)."""
     import datetime
@@ -246,7 +246,7 @@ def bench_matmul(device: torch.device, n: int, repeats: int, warmup: int) -> dic
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         secs, _ = interleaved({name: lambda a=a, b=b: torch.mm(a, b)}, device, repeats, warmup)[name]
-        sec = _median(secs)
+        sec = median(secs)
         out[name] = {"ms": 1e3 * sec, "gflops": 2 * n**3 / sec / 1e9}
     return out
 
@@ -307,7 +307,7 @@ def bench_feval(
         calls = {"fp32": lambda f=fp32, z=z, u=u: f(z, u), "bf16": lambda f=bf16, z=z, u=u: f(z, u)}
         timings = interleaved(calls, device, s.repeats, s.warmup)
         for dtype, (secs, _) in timings.items():
-            sec = _median(secs)
+            sec = median(secs)
             mm = (matmul or {}).get(dtype, {}).get("gflops")
             gflops = useful["total"] / sec / 1e9
             rows.append({
@@ -365,14 +365,14 @@ def bench_options(
             except Exception as err:  # noqa: BLE001 (a failed option is a result, not a crash)
                 errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         timings = interleaved(calls, device, s.repeats, s.warmup)
-        base = _median(timings["fp32 (baseline)"][0])
+        base = median(timings["fp32 (baseline)"][0])
         for name in variants:
             row: dict[str, Any] = {"preset": preset, "case": label, "batch": batch, "h": side, "w": side,
                                    "option": name}
             if name in errors:
                 row.update(ms=None, speedup=None, max_rel_diff=None, error=errors[name])
             else:
-                sec = _median(timings[name][0])
+                sec = median(timings[name][0])
                 row.update(ms=1e3 * sec, speedup=base / sec, max_rel_diff=diffs[name], error=None)
             rows.append(row)
     return rows
@@ -429,7 +429,7 @@ def bench_inference(
         results = interleaved(calls, device, s.repeats)
         rows = []
         for name, (secs, (x_hat, nfe)) in results.items():
-            rows.append({"label": name, **meta[name], "seconds": _median(secs), "times": secs,
+            rows.append({"label": name, **meta[name], "seconds": median(secs), "times": secs,
                          "psnr": _psnr(x_hat, x), "nfe": nfe})
         out.append({"set": im["set"], "name": im["name"], "h": x.shape[0], "w": x.shape[1], "rows": rows})
     return out
@@ -515,7 +515,7 @@ def memory_cases(s: BenchSettings) -> list[dict[str, Any]]:
     return infer + [{**c, "batch": s.patch_batch, "h": patch, "w": patch} for c in train]
 
 
-def _proc_status_bytes(key: str) -> int:
+def proc_status_bytes(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
@@ -571,9 +571,9 @@ def _memory_child() -> int:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
         except OSError:
             note = "VmHWM could not be reset: the peak may include the start-up's"
-        base = _proc_status_bytes("VmRSS")
+        base = proc_status_bytes("VmRSS")
     times = [timed(run, device)[0] for _ in range(spec["repeats"])]
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _proc_status_bytes("VmHWM")) - base
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else proc_status_bytes("VmHWM")) - base
     print(json.dumps({"peak_bytes": peak, "baseline_bytes": base, "times": times, "note": note}))
     return 0
 
@@ -587,7 +587,7 @@ def bench_memory(subject: Subject, s: BenchSettings, log: Log) -> dict[str, Any]
             "solver": dataclasses.asdict(subject.model.solver), "device": s.device, "threads": torch.get_num_threads(),
             "sigma255": subject.sigma255, "case": case, "repeats": s.repeats,
         }
-        cmd = [sys.executable, "-c", "import sys; from nerd.bench import _memory_child; sys.exit(_memory_child())"]
+        cmd = [sys.executable, "-c", "import sys; from nerd.lab.bench import _memory_child; sys.exit(_memory_child())"]
         # Fixed glibc thresholds: every block >= 128 KiB is mmapped and unmapped on free, so the resident set
         # follows the live tensors (glibc's dynamic threshold would keep freed warm-up blocks resident).
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
@@ -600,7 +600,7 @@ def bench_memory(subject: Subject, s: BenchSettings, log: Log) -> dict[str, Any]
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         times = res["times"]
         cases.append({**case, "peak_mib": res["peak_bytes"] / MIB, "baseline_mib": res["baseline_bytes"] / MIB,
-                      "seconds": _median(times), "times": times, "note": res["note"]})
+                      "seconds": median(times), "times": times, "note": res["note"]})
     return {"method": MEMORY_METHOD[torch.device(s.device).type], "cases": cases}
 
 
