@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import nerd.models.attention as current
-from nerd.lab.bench import median, interleaved, write_side_by_side
+from nerd.lab.bench import interleaved, median, write_side_by_side
 from nerd.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,10 +31,10 @@ def one(path: str, tile: int, sigma: float) -> dict[str, Any]:
     allocator.tune()  # as the `nerd` command does
     import numpy as np
 
-    from nerd.lab.bench import proc_status_bytes
     from nerd.data.noise import protocol_noisy
     from nerd.denoise import denoise_image
     from nerd.io import load_gray
+    from nerd.lab.bench import proc_status_bytes
     from nerd.metrics import psnr, ssim
     from nerd.tiling import fit_memory, history_maps, solve_bytes
     from nerd.weights import load_weights

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nerd.lab.bench import SECTIONS, attention_flops_computed, implicit_layer_flops, markdown_tables
 from nerd.cli import main
+from nerd.lab.bench import SECTIONS, attention_flops_computed, implicit_layer_flops, markdown_tables
 from nerd.models import create_model, preset_config
 from nerd.models.attention import _window_mask
 

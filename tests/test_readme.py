@@ -6,8 +6,8 @@ import importlib.util
 import json
 
 import pytest
-
 from tools import readme
+
 from nerd.weights import read_metadata, shipped
 
 

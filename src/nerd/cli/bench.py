@@ -63,8 +63,8 @@ def _subject(args: argparse.Namespace, device: str):
     """The model under test (or None, with a note on stderr) from --preset, --weights or the shipped nerd-s25."""
     import sys
 
-    from nerd.lab.bench import Subject
     from nerd.cli import UserError
+    from nerd.lab.bench import Subject
 
     if args.preset:
         import torch
@@ -95,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from nerd.lab.bench import BenchSettings, markdown_tables, run_bench
     from nerd.cli import UserError, check_device
     from nerd.evaluate import default_data_root
+    from nerd.lab.bench import BenchSettings, markdown_tables, run_bench
 
     _check(args)
     if args.render:

@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from nerd import allocator
+from nerd.config import GradConfig, ModelConfig, SolverConfig
 from nerd.lab.bench_report import (  # noqa: F401 (markdown_tables re-exported)
     SECTIONS,
     _clean,
@@ -57,7 +58,6 @@ from nerd.lab.bench_report import (  # noqa: F401 (markdown_tables re-exported)
     render_section,
     targets,
 )
-from nerd.config import GradConfig, ModelConfig, SolverConfig
 from nerd.models.nerd import DEQDenoiser
 
 MIB = 2**20
