@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 6, step 6: train on a lent GPU for a fixed time, in one call of the device tool, and bring the runs back.
 #
-# Runs the time-budgeted recipes of configs/gpu/ named in RUNS side by side on the one GPU (small models leave most
-# of an H100 idle, so two processes share it better than one after the other), each with bf16 autocast. The default,
+# Runs the time-budgeted recipes of configs/gpu/ named in RUNS (an earlier run's recipe: configs/history/gpu/) side by
+# side on the one GPU (small models leave most of an H100 idle, so two processes share it better than one after the
+# other), each with bf16 autocast. The default,
 # RUNS=s25w, is the next step for sigma 25: configs/gpu/nerd-s25w-gpu.toml grows the shipped lineage's small model
 # wider (hidden x8, nerd.models.grow) from runs/nerd-s25-gpu/last.pt, which is committed. The first call ran
 # RUNS="s25 m25" (continue the CPU's nerd-s25d weights; the wider preset m from scratch).
@@ -50,16 +51,22 @@ device_header >"$log"
 missing=""
 test -d device_data/Train400 || missing="device_data/Train400"
 if [ -n "$EVAL_ABOVE" ]; then for e in $EVAL_SETS; do test -d "device_data/$e" || missing="$missing device_data/$e"; done; fi
+gpu_config() {  # gpu_config NAME: configs/gpu/nerd-NAME-gpu.toml, else an earlier run's in configs/history/gpu/
+  local cfg=configs/gpu/nerd-$1-gpu.toml
+  test -f "$cfg" || cfg=configs/history/gpu/nerd-$1-gpu.toml
+  echo "$cfg"
+}
 for r in $RUNS; do
-  cfg=configs/gpu/nerd-$r-gpu.toml
-  test -f "$cfg" || { missing="$missing $cfg"; continue; }
+  cfg=$(gpu_config "$r")
+  test -f "$cfg" || { missing="$missing configs/gpu/nerd-$r-gpu.toml"; continue; }
   init=$(sed -n 's/^init = "\(.*\)"$/\1/p' "$cfg")
   test -z "$init" || test -f "$init" || missing="$missing $init"
 done
 test -z "$missing" || { echo "missing:$missing (see the header of $0)" | tee -a "$log"; exit 2; }
 
 run_one() {  # run_one NAME: train configs/gpu/nerd-NAME-gpu.toml, retrying in float32 if bf16 fails at once
-  local name=nerd-$1-gpu cfg=configs/gpu/nerd-$1-gpu.toml rc
+  local name=nerd-$1-gpu cfg rc
+  cfg=$(gpu_config "$1")
   if [ -n "$MINUTES" ]; then
     sed "s/^minutes = .*/minutes = $MINUTES/" "$cfg" >"gpu_runs/$name-minutes.toml"
     cfg=gpu_runs/$name-minutes.toml
