@@ -1,9 +1,11 @@
-"""The README's generated tables match the committed results files (no number is typed by hand)."""
+"""The generated tables of README.md and docs/*.md match the committed results files (no number is typed by hand),
+and the pages' links resolve."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 from tools import readme
@@ -11,15 +13,54 @@ from tools import readme
 from nerd.weights import read_metadata, shipped
 
 
-def test_readme_tables_are_generated_from_the_results_files():
-    text = (readme.ROOT / "README.md").read_text()
-    assert readme.render(text) == text, "README.md is out of date: run `python tools/readme.py`"
+def test_every_pages_tables_are_generated_from_the_results_files():
+    for page in readme.pages():
+        text = page.read_text()
+        assert readme.render(text, page.parent) == text, f"{page.name} is out of date: run `python tools/readme.py`"
 
 
-def test_every_block_is_present():
-    text = (readme.ROOT / "README.md").read_text()
-    for name in readme.BLOCKS:
-        assert f"<!-- BEGIN {name} -->" in text and f"<!-- END {name} -->" in text, name
+def test_every_block_is_in_exactly_one_page():
+    texts = {page: page.read_text() for page in readme.pages()}
+    for name, where in readme.placement(texts).items():
+        assert len(where) == 1, (name, where)
+    for page, text in texts.items():  # no stray or unknown markers
+        for marker in re.findall(r"<!-- (?:BEGIN|END) ([\w-]+) -->", text):
+            assert marker in readme.BLOCKS, (page.name, marker)
+            assert text.count(f"<!-- BEGIN {marker} -->") == text.count(f"<!-- END {marker} -->") == 1, marker
+
+
+def test_every_relative_link_resolves():
+    link = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+    broken = []
+    for page in readme.pages():
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold commands, not links
+        for target in link.findall(text):
+            if target.startswith(("http://", "https://", "mailto:", "#")):
+                continue
+            path = target.split("#", 1)[0]
+            if not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(readme.ROOT)}: {target}")
+    assert not broken, broken
+
+
+def test_readme_stays_short():
+    assert (readme.ROOT / "README.md").stat().st_size <= 20 * 1024
+
+
+def test_docs_pages_exist():
+    names = {page.name for page in readme.pages()}
+    assert "README.md" in names and len(names) > 1
+
+
+def test_generated_links_follow_the_page(tmp_path, monkeypatch):
+    """A block's links are relative to the page that shows it: the experiments' figures from docs/ go up a folder."""
+    pytest.importorskip("nerd.lab.experiments")
+    docs = readme.ROOT / "docs"
+    from_docs, from_root = readme.BLOCKS["experiments"](docs), readme.BLOCKS["experiments"](readme.ROOT)
+    if "](results/experiments/" in from_root:
+        assert "](../results/experiments/" in from_docs
+    assert readme.BLOCKS["speed"](docs).count("](../results/bench/") == readme.BLOCKS["speed"](readme.ROOT).count(
+        "](results/bench/")
 
 
 def test_last_doubling_gain_interpolates_at_half_the_cpu_time():

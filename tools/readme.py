@@ -1,9 +1,11 @@
-"""Regenerate the README's tables from the committed results files: `python tools/readme.py [--check]`.
+"""Regenerate the documentation's tables from the committed results files: `python tools/readme.py [--check]`.
 
-Each generated block sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in README.md. No number in those
-blocks is typed by hand: they come from results/eval/*.json (`nerd eval`), results/training/*.json (collected from
-training runs with `python tools/readme.py --collect RUN...`), results/bench/*.json (`nerd bench`),
-results/experiments/ (`nerd experiment`) and the metadata of the shipped weights.
+Each generated block sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in one page: README.md or a page
+of docs/ (each block in exactly one of them). No number in those blocks is typed by hand: they come from
+results/eval/*.json (`nerd eval`), results/training/*.json (collected from training runs with
+`python tools/readme.py --collect RUN...`), results/bench/*.json (`nerd bench`), results/experiments/
+(`nerd experiment`) and the metadata of the shipped weights. Links inside a block are relative to the folder of the
+page that shows it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -21,6 +24,16 @@ from nerd.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
+
+
+def pages() -> list[Path]:
+    """The pages that hold generated blocks: README.md, then docs/*.md by name."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _link(path: Path, base: Path) -> str:
+    """`path` as a link from a page in folder `base` (posix, relative)."""
+    return Path(os.path.relpath(path, base)).as_posix()
 
 # The paper's Table I (NERD trained on BSD, PSNR / SSIM), quoted as published, for side-by-side reading only.
 PAPER_NERD = {
@@ -102,7 +115,7 @@ def results_table() -> str:
             iters = f"{nerd['means']['nfe']:.1f}" if nerd and nerd["means"].get("nfe") is not None else "–"
             secs = f"{nerd['means']['seconds']:.1f}" if nerd else "–"
             if nerd and str(nerd.get("meta", {}).get("device", "cpu")).startswith("cuda"):
-                secs += " (GPU)"  # scored on a lent GPU (same float32 protocol); its seconds are not this CPU's
+                secs += " (GPU)"  # scored on a GPU (same float32 protocol); its seconds are not a CPU's
             paper = PAPER_NERD.get((set_name, sigma))
             paper_cell = f"{paper[0]:.2f} / {paper[1]:.4f}" if paper else "–"
             row = [set_name, str(sigma), cells[0], iters, secs, cells[1], cells[2], paper_cell]
@@ -161,7 +174,10 @@ def solver_table() -> str:
 def ensemble_eval_table() -> str:
     """The shipped NERD self-ensembled (`nerd eval --ensemble N`) on the test sets, beside its single solves and BM3D
     (which is not ensembled): whole sets only, and those under way (a resumable partial file) say how far they are."""
-    from nerd.denoise import ENSEMBLES
+    try:
+        from nerd.models.ensemble import ENSEMBLES
+    except ImportError:  # before the self-ensemble had a module of its own
+        from nerd.denoise import ENSEMBLES
 
     single = _load_evals()  # one solve each (NERD's single solves, BM3D)
     lines = ["| set | σ | solves | nerd, one solve | nerd, mean of the solves | gain (dB) | BM3D | vs BM3D (dB) "
@@ -300,7 +316,7 @@ def plot_training(prefix: str) -> Path | None:
 SIGMA25_STAGES = ("cpu-B-s25", "nerd-s25", "nerd-s25b", "nerd-s25c", "nerd-s25d")
 
 
-# The sigma-25 stages continued on a lent GPU (scripts/gpu_train.sh) from nerd-s25d's weights, in order.
+# The sigma-25 stages continued on a GPU (scripts/gpu_train.sh) from nerd-s25d's weights, in order.
 GPU_SIGMA25_STAGES = ("nerd-s25-gpu", "nerd-s25b-gpu")
 
 
@@ -323,7 +339,7 @@ def plot_stages() -> Path | None:
     """results/training/nerd-stages.png: the learning curves behind the shipped weights, one column per sigma, with
     DnCNN-S and BM3D on the same validation crops. Top row, this CPU: sigma 25's stages chained on cumulative
     CPU-hours (each stage restarts its cosine schedule), sigma 15 / 50's fine-tunes on their own CPU-hours. Bottom
-    row, a lent GPU: the runs that continued from the CPU's weights (and any trained there from scratch), on GPU
+    row, a GPU: the runs that continued from the CPU's weights (and any trained there from scratch), on GPU
     wall-clock minutes; the two clocks are not comparable, hence two rows."""
     plt = _pyplot()
     if plt is None:
@@ -519,12 +535,14 @@ def _optional(module: str, func: str, *args: object) -> str:
         return f"_not generated: {err}_"
 
 
-def speed_tables() -> str:
+def speed_tables(base: Path = ROOT) -> str:
+    """The full `nerd bench` files of results/bench, their plot links relative to `base` (the page's folder)."""
     files = sorted((RESULTS / "bench").glob("bench-*.json"))
     full = [f for f in files if not f.stem.endswith("quick")] or files
     if not full:
         return "_no benchmark results yet_"
-    return "\n\n".join(_optional("nerd.lab.bench_report", "markdown_tables", f, "results/bench", 4) for f in full)
+    return "\n\n".join(_optional("nerd.lab.bench_report", "markdown_tables", f, _link(f.parent, base), 3)
+                       for f in full)
 
 
 def _ab_table(file: str, script: str, what: str, header: Callable[[dict], list[str]], row: Callable[[dict], str],
@@ -611,39 +629,51 @@ def ensemble_table() -> str:
                      left=0, note=note)
 
 
-BLOCKS = {
-    "results": results_table,
-    "vs-bm3d": vs_bm3d_table,
-    "ensemble-eval": ensemble_eval_table,
-    "training-compare": lambda: training_table("cpu-"),
-    "training-shipped": lambda: training_table("nerd-"),
-    "model-card": model_card,
-    "validate-shipped": lambda: validate_table("validate-shipped"),
-    "validate-s50d": lambda: validate_table("validate-s50d", "validate-s50d-whole"),
+# Each block's maker takes the folder of the page that shows it (for the links inside the block).
+BLOCKS: dict[str, Callable[[Path], str]] = {
+    "results": lambda base: results_table(),
+    "vs-bm3d": lambda base: vs_bm3d_table(),
+    "ensemble-eval": lambda base: ensemble_eval_table(),
+    "training-compare": lambda base: training_table("cpu-"),
+    "training-shipped": lambda base: training_table("nerd-"),
+    "model-card": lambda base: model_card(),
+    "validate-shipped": lambda base: validate_table("validate-shipped"),
+    "validate-s50d": lambda base: validate_table("validate-s50d", "validate-s50d-whole"),
     "speed": speed_tables,
-    "attention-ab": attention_ab_table,
-    "malloc-ab": malloc_ab_table,
-    "tiling": tiling_table,
-    "ensemble": ensemble_table,
-    "solver-stats": solver_table,
-    "speed-now": lambda: _optional("nerd.lab.bench_report", "markdown_tables", RESULTS / "bench" / "after-malloc"
-                                   / "bench-cpu.json", "results/bench/after-malloc", 4),
-    "experiments": lambda: _optional("nerd.lab.experiments", "markdown_summary", RESULTS / "experiments"),
+    "attention-ab": lambda base: attention_ab_table(),
+    "malloc-ab": lambda base: malloc_ab_table(),
+    "tiling": lambda base: tiling_table(),
+    "ensemble": lambda base: ensemble_table(),
+    "solver-stats": lambda base: solver_table(),
+    "speed-now": lambda base: _optional("nerd.lab.bench_report", "markdown_tables", RESULTS / "bench" / "after-malloc"
+                                        / "bench-cpu.json", _link(RESULTS / "bench" / "after-malloc", base), 3),
+    "experiments": lambda base: _optional("nerd.lab.experiments", "markdown_summary", RESULTS / "experiments", base),
 }
 
 
-def render(text: str) -> str:
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
+
+
+def render(text: str, base: Path = ROOT) -> str:
+    """`text` (a page in folder `base`) with every block it holds regenerated."""
     for name, make in BLOCKS.items():
-        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
+        pattern = _pattern(name)
         if pattern.search(text):
-            body = make().rstrip("\n") + "\n"
+            body = make(base).rstrip("\n") + "\n"
             text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
     return text
 
 
+def placement(texts: dict[Path, str]) -> dict[str, list[Path]]:
+    """Which pages hold each block (complete BEGIN/END pairs), by block name."""
+    return {name: [page for page, text in texts.items() if _pattern(name).search(text)] for name in BLOCKS}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python tools/readme.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if a page (README.md, docs/*.md) is out of date or a block is not in exactly one")
     parser.add_argument("--collect", nargs="+", metavar="RUN", help="summarise training runs into results/training")
     parser.add_argument("--val-reference", nargs="+", type=float, metavar="SIGMA",
                         help="score noisy / DnCNN-S / BM3D on the runs' validation crops at these sigmas")
@@ -657,17 +687,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.collect:
         plot_training("cpu-")
         plot_stages()
-    readme = ROOT / "README.md"
-    old = readme.read_text()
-    new = render(old)
+    texts = {page: page.read_text() for page in pages()}
+    misplaced = {name: where for name, where in placement(texts).items() if len(where) != 1}
+    for name, where in misplaced.items():
+        found = ", ".join(str(p.relative_to(ROOT)) for p in where) or "no page"
+        print(f"block {name!r} must be in exactly one page, found in: {found}", file=sys.stderr)
+    rendered = {page: render(old, page.parent) for page, old in texts.items()}  # every page before any is written
+    stale = [page.relative_to(ROOT) for page, old in texts.items() if rendered[page] != old]
+    if not args.check:
+        for name in stale:
+            (ROOT / name).write_text(rendered[ROOT / name])
     if args.check:
-        if new != old:
-            print("README.md is out of date: run `python tools/readme.py`", file=sys.stderr)
-            return 1
-        return 0
-    readme.write_text(new)
-    print("README.md regenerated" if new != old else "README.md already up to date")
-    return 0
+        for name in stale:
+            print(f"{name} is out of date: run `python tools/readme.py`", file=sys.stderr)
+        return 1 if stale or misplaced else 0
+    print("regenerated: " + ", ".join(map(str, stale)) if stale else "every page already up to date")
+    return 1 if misplaced else 0
 
 
 if __name__ == "__main__":
