@@ -46,11 +46,11 @@ def one(path: str, tile: int, sigma: float) -> dict[str, Any]:
     base = proc_status_bytes("VmRSS")
     x_hat, s = denoise_image(model, y, sigma, device="cpu", tile=tile or None)
     peak = proc_status_bytes("VmHWM") - base
-    shape = s["tile_shape"] or x.shape
+    shape = s.tile_shape or x.shape
     return {"psnr": psnr(x_hat.astype(np.float64), x), "ssim": ssim(x_hat.astype(np.float64), x),
-            "seconds": s["seconds"], "tiles": s["tiles"], "nfe": s["nfe"], "converged_tiles": s["tiles"] -
-            s["unconverged_tiles"], "height": x.shape[0], "width": x.shape[1], "weights": info["sha256"][:12],
-            "tile_shape": s["tile_shape"], "channels": model.cfg.channels,
+            "seconds": s.seconds, "tiles": s.tiles, "nfe": s.nfe, "converged_tiles": s.tiles -
+            s.unconverged_tiles, "height": x.shape[0], "width": x.shape[1], "weights": info["sha256"][:12],
+            "tile_shape": s.tile_shape, "channels": model.cfg.channels,
             "history_maps": history_maps(fit_memory(model.solver, model.cfg.channels * shape[0] * shape[1])),
             "estimate_mib": solve_bytes(shape[0] * shape[1], model.cfg.channels, model.solver) / 2**20,
             "peak_mib": peak / 2**20, "malloc": allocator.status}

@@ -12,7 +12,7 @@ from PIL import Image
 
 import nerd.weights
 from nerd.cli import main
-from nerd.denoise import DenoiseError, denoise_image, describe
+from nerd.denoise import DenoiseError, DenoiseSummary, denoise_image, describe
 from nerd.io import read_image, to_pixels
 from nerd.models import create_model
 from nerd.weights import load_weights, save_weights
@@ -86,11 +86,11 @@ def test_no_progress_keeps_the_report_and_drops_the_bar(capsys, tmp_path, noisy,
 
 
 def test_report_line_tells_a_residual_just_above_tolerance_from_it():
-    summary = {"converged": False, "rel_residual": 1.04e-3, "tol": 1e-3, "width": 31, "height": 37, "nfe": 17,
-               "seconds": 1.0, "tiles": 1}
+    summary = DenoiseSummary(converged=False, rel_residual=1.04e-3, abs_residual=0.1, tol=1e-3, width=31, height=37,
+                             nfe=17, seconds=1.0)
     assert "rel residual 1.04e-03 > tol 1e-03" in describe(summary)
     assert "NOT converged" in describe(summary)
-    assert "NOT converged" not in describe({**summary, "converged": True, "rel_residual": 9.9e-4})
+    assert "NOT converged" not in describe(replace(summary, converged=True, rel_residual=9.9e-4))
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
@@ -383,10 +383,10 @@ def test_denoise_image_library(weights):
     model, info = nerd.weights.load_weights(weights)
     y = np.random.RandomState(3).rand(H, W).astype(np.float32)
     x, summary = denoise_image(model, y, 25, solver=replace(model.solver, max_iter=3), device="cpu")
-    assert summary["nfe"] == 3
+    assert summary.nfe == 3
     assert x.dtype == np.float32 and x.shape == (H, W) and 0 <= x.min() and x.max() <= 1
-    assert {"nfe", "rel_residual", "converged", "seconds", "height", "width"} <= set(summary)
-    assert summary["height"] == H and summary["width"] == W
+    assert isinstance(summary, DenoiseSummary) and summary.seconds > 0 and isinstance(summary.converged, bool)
+    assert summary.height == H and summary.width == W
     assert not model.training
     for bad_sigma in (0, -1, 256, float("nan")):
         with pytest.raises(ValueError):
@@ -450,11 +450,11 @@ def test_self_ensemble_is_the_mean_of_the_turned_back_solves():
     ref = torch.stack([undo_dihedral(eq.x_hat, k) for k, eq in enumerate(eqs)]).mean(0).clamp(0, 1)[0, 0].numpy()
     x8, s8 = denoise_image(model, y, 25, solver=solver, device="cpu", ensemble=8)
     np.testing.assert_allclose(x8, ref, atol=1e-6)
-    assert s8["ensemble"] == 8 and s8["rel_residual"] == pytest.approx(max(float(eq.stats.rel_residual) for eq in eqs))
+    assert s8.ensemble == 8 and s8.rel_residual == pytest.approx(max(float(eq.stats.rel_residual) for eq in eqs))
     assert "x 8 symmetries" in describe(s8) and "largest rel residual" in describe(s8)
     x1, s1 = denoise_image(model, y, 25, solver=solver, device="cpu")
     np.testing.assert_allclose(x1, eqs[0].x_hat.clamp(0, 1)[0, 0].numpy(), atol=1e-6)
-    assert s1["ensemble"] == 1 and not np.allclose(x1, x8)
+    assert s1.ensemble == 1 and not np.allclose(x1, x8)
     with pytest.raises(ValueError, match="ensemble"):
         denoise_image(model, y, 25, device="cpu", ensemble=3)
 
@@ -465,7 +465,7 @@ def test_colour_is_each_channel_denoised_alone(capsys, tmp_path, weights):
     solver = replace(model.solver, max_iter=3, memory=3)
     y = np.random.RandomState(4).rand(H, W, 3).astype(np.float32)
     x, s = denoise_image(model, y, 25, solver=solver, device="cpu")
-    assert x.shape == (H, W, 3) and s["channels"] == 3
+    assert x.shape == (H, W, 3) and s.channels == 3
     for c in range(3):
         np.testing.assert_array_equal(x[..., c], denoise_image(model, y[..., c], 25, solver=solver, device="cpu")[0])
     assert "x 3 channels" in describe(s)

@@ -18,6 +18,7 @@ from PIL import Image
 from nerd import allocator
 from nerd.cli import main
 from nerd.data.noise import add_noise, protocol_noisy
+from nerd.errors import WeightsError
 from nerd.metrics import psnr, ssim
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
@@ -117,7 +118,7 @@ def test_dncnn_loads_a_synthetic_state_dict_strictly(tmp_path: Path) -> None:
     y = torch.rand(2, 1, 13, 11)
     x_hat = model(y, 25 / 255)
     assert x_hat.shape == y.shape and torch.isfinite(x_hat).all()
-    with pytest.raises(FileNotFoundError, match="dncnn_sigma15"):
+    with pytest.raises(WeightsError, match="dncnn_sigma15"):
         load_dncnn(15, tmp_path)
     with pytest.raises(ValueError, match="only for sigma"):
         load_dncnn(30, tmp_path)

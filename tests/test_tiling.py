@@ -75,13 +75,13 @@ def test_tiled_blend_of_a_pointwise_denoiser_is_the_whole_image():
     whole, s1 = denoise_image(Pointwise(), y, 25, device="cpu")
     model = Pointwise()
     tiled, s = denoise_image(model, y, 25, device="cpu", tile=48, overlap=16)
-    assert model.calls == s["tiles"] == len(tiles(97, 131, 48, 16)) == 12
+    assert model.calls == s.tiles == len(tiles(97, 131, 48, 16)) == 12
     np.testing.assert_allclose(tiled, whole, atol=1e-6)
-    assert s1["tiles"] == 1 and s1["tile"] is None
-    assert s["tile"] == 48 and s["tile_shape"] == (43, 45) and s["overlap"] == 16
-    assert s["nfe"] == 5 and s["rel_residual"] == pytest.approx(1e-2)
-    assert not s["converged"] and s["unconverged_tiles"] == 6
-    assert s["abs_residual"] == pytest.approx(1.2)
+    assert s1.tiles == 1 and s1.tile is None
+    assert s.tile == 48 and s.tile_shape == (43, 45) and s.overlap == 16
+    assert s.nfe == 5 and s.rel_residual == pytest.approx(1e-2)
+    assert not s.converged and s.unconverged_tiles == 6
+    assert s.abs_residual == pytest.approx(1.2)
 
 
 def test_self_ensemble_with_tiles_of_a_pointwise_denoiser_is_exact():
@@ -91,9 +91,9 @@ def test_self_ensemble_with_tiles_of_a_pointwise_denoiser_is_exact():
     whole, _ = denoise_image(Pointwise(), y, 25, device="cpu")
     model = Pointwise()
     x, s = denoise_image(model, y, 25, device="cpu", tile=48, overlap=16, ensemble=4)
-    assert model.calls == 48 and s["tiles"] == 12 and s["ensemble"] == 4
+    assert model.calls == 48 and s.tiles == 12 and s.ensemble == 4
     np.testing.assert_allclose(x, whole, atol=1e-6)
-    assert s["unconverged_tiles"] == 12  # every tile had a solve (an even call) that did not converge
+    assert s.unconverged_tiles == 12  # every tile had a solve (an even call) that did not converge
 
 
 def test_a_tile_that_covers_the_image_is_the_whole_image_solve():
@@ -103,9 +103,9 @@ def test_a_tile_that_covers_the_image_is_the_whole_image_solve():
     y = np.random.RandomState(2).rand(37, 31).astype(np.float32)
     whole, _ = denoise_image(model, y, 25, solver=solver, device="cpu")
     same, s = denoise_image(model, y, 25, solver=solver, device="cpu", tile=37)
-    assert np.array_equal(same, whole) and s["tiles"] == 1
+    assert np.array_equal(same, whole) and s.tiles == 1
     tiled, s = denoise_image(model, y, 25, solver=solver, device="cpu", tile=24, overlap=8)
-    assert s["tiles"] == 4 and tiled.shape == y.shape and np.isfinite(tiled).all()
+    assert s.tiles == 4 and tiled.shape == y.shape and np.isfinite(tiled).all()
     assert not np.array_equal(tiled, whole)  # the tiles' statistics differ: a real, small difference
     # ... small beside what the model changes (measured 0.17 of it; a tile pasted at a wrong offset gives > 1)
     assert np.abs(tiled - whole).mean() < 0.3 * np.abs(whole - y).mean()
@@ -127,7 +127,7 @@ def test_shipped_weights_tiled_within_a_tenth_of_a_db(data_root):
     solver = replace(model.solver, max_iter=8)
     whole, _ = denoise_image(model, y, 25, solver=solver, device="cpu")
     tiled, s = denoise_image(model, y, 25, solver=solver, device="cpu", tile=80, overlap=OVERLAP)
-    assert s["tiles"] == 6
+    assert s.tiles == 6
     assert abs(psnr(tiled, x) - psnr(whole, x)) < 0.1
     assert psnr(tiled, x) > psnr(y, x) + 6
 

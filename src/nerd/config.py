@@ -12,7 +12,10 @@ import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
+
+from nerd.errors import ConfigError
+from nerd.sigma import check_sigma255
 
 T = TypeVar("T")
 
@@ -20,6 +23,8 @@ Blocks = Literal["both", "nl", "trans"]
 EquilibriumKind = Literal["noise", "image"]
 SolverName = Literal["broyden", "anderson", "fixed_point"]
 GradMode = Literal["phantom", "implicit", "unrolled"]
+SOLVER_NAMES: tuple[str, ...] = get_args(SolverName)  # the one list: `nerd.deq.solvers.SOLVERS` registers each
+GRAD_MODES: tuple[str, ...] = get_args(GradMode)
 
 
 @dataclass(frozen=True)
@@ -57,17 +62,37 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.channels % self.heads:
-            raise ValueError(f"channels ({self.channels}) must be divisible by heads ({self.heads})")
+            raise ConfigError(f"channels ({self.channels}) must be divisible by heads ({self.heads})")
         if self.channels % self.groups or (self.channels * self.expansion) % self.groups:
-            raise ValueError(f"channels ({self.channels}) must be divisible by groups ({self.groups})")
+            raise ConfigError(f"channels ({self.channels}) must be divisible by groups ({self.groups})")
         if self.window < 1 or self.window % 2 == 0:
-            raise ValueError(f"window q must be odd and >= 1 (centred on the pixel), got {self.window}")
+            raise ConfigError(f"window q must be odd and >= 1 (centred on the pixel), got {self.window}")
         if self.blocks not in ("both", "nl", "trans"):
-            raise ValueError(f"blocks must be 'both', 'nl' or 'trans', got {self.blocks!r}")
+            raise ConfigError(f"blocks must be 'both', 'nl' or 'trans', got {self.blocks!r}")
         if self.equilibrium not in ("noise", "image"):
-            raise ValueError(f"equilibrium must be 'noise' or 'image', got {self.equilibrium!r}")
+            raise ConfigError(f"equilibrium must be 'noise' or 'image', got {self.equilibrium!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+# Named model presets: the paper's model, smaller ones sized for CPU training, and a tiny one for tests.
+PRESETS: dict[str, ModelConfig] = {
+    # The paper's model (Sec. VII-A): 128 features, 4 heads, q = 65; 1.40M parameters.
+    "paper": ModelConfig(channels=128, heads=4, window=65),
+    # CPU-sized: narrower features and a neighbourhood matched to small training crops.
+    "m": ModelConfig(channels=64, heads=4, window=41),
+    "s": ModelConfig(channels=48, heads=3, window=33),
+    "xs": ModelConfig(channels=32, heads=2, window=25),
+    # For tests: a few thousand parameters.
+    "tiny": ModelConfig(channels=8, heads=2, window=7, expansion=2),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of preset `name`, with `overrides` applied (explicit arguments win)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
 
 
 @dataclass(frozen=True)
@@ -91,20 +116,26 @@ class SolverConfig:
     damping: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.name not in ("broyden", "anderson", "fixed_point"):
-            raise ValueError(f"unknown solver {self.name!r}: choose broyden, anderson or fixed_point")
+        if self.name not in SOLVER_NAMES:
+            raise ConfigError(f"unknown solver {self.name!r}: choose {', '.join(SOLVER_NAMES)}")
         if self.max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+            raise ConfigError(f"max_iter must be >= 1, got {self.max_iter}")
         if self.memory < 1:
-            raise ValueError(f"memory must be >= 1, got {self.memory}")
+            raise ConfigError(f"memory must be >= 1, got {self.memory}")
         if not self.tol >= 0:
-            raise ValueError(f"tol must be >= 0 (0: always run max_iter steps), got {self.tol}")
+            raise ConfigError(f"tol must be >= 0 (0: always run max_iter steps), got {self.tol}")
         if not 0 < self.damping <= 1:
-            raise ValueError(f"damping must be in (0, 1], got {self.damping}")
+            raise ConfigError(f"damping must be in (0, 1], got {self.damping}")
         # Anderson's Gram matrix turns singular once a sample stops and its stored iterates repeat.
         if not (self.ridge > 0 if self.name == "anderson" else self.ridge >= 0):
-            raise ValueError(f"ridge must be {'> 0 for anderson' if self.name == 'anderson' else '>= 0'}, "
+            raise ConfigError(f"ridge must be {'> 0 for anderson' if self.name == 'anderson' else '>= 0'}, "
                              f"got {self.ridge}")
+
+    def override(self, **changes: Any) -> SolverConfig:
+        """This config with the given fields replaced, skipping those given as None (an option not set on a
+        command line): the one way settings from a user reach a solver, validated like any SolverConfig."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **given) if given else self
 
 
 @dataclass(frozen=True)
@@ -126,12 +157,12 @@ class GradConfig:
     backward: SolverConfig = field(default_factory=lambda: SolverConfig(name="anderson", max_iter=30, tol=1e-6))
 
     def __post_init__(self) -> None:
-        if self.mode not in ("phantom", "implicit", "unrolled"):
-            raise ValueError(f"unknown gradient mode {self.mode!r}: choose phantom, implicit or unrolled")
+        if self.mode not in GRAD_MODES:
+            raise ConfigError(f"unknown gradient mode {self.mode!r}: choose {', '.join(GRAD_MODES)}")
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if not 0 < self.damping <= 1:  # 0 would give the implicit layer no gradient at all
-            raise ValueError(f"damping (lambda) must be in (0, 1], got {self.damping}")
+            raise ConfigError(f"damping (lambda) must be in (0, 1], got {self.damping}")
 
 
 @dataclass(frozen=True)
@@ -199,13 +230,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         sigma = self.sigma if isinstance(self.sigma, (tuple, list)) else (self.sigma,)  # `sigma = 25` in a TOML
         object.__setattr__(self, "sigma", tuple(float(s) for s in sigma))
-        if not self.sigma or not all(0 < s <= 255 for s in self.sigma):
-            raise ValueError(f"sigma must be one or more noise levels in (0, 255], got {self.sigma}")
+        if not self.sigma:
+            raise ConfigError("sigma must be one or more noise levels in (0, 255]")
+        for s in self.sigma:
+            check_sigma255(s, "train.sigma")
         for name in ("crop", "batch"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ema < 1:
-            raise ValueError(f"ema is a decay in [0, 1) (0: off), got {self.ema}")
+            raise ConfigError(f"ema is a decay in [0, 1) (0: off), got {self.ema}")
 
     def total_steps(self, n_images: int) -> int:
         """Optimiser steps of the whole run for a training folder of `n_images` images."""
@@ -231,7 +264,7 @@ def _build(cls: type[T], data: dict[str, Any] | None) -> T:
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         if cls is GradConfig and name == "backward":
@@ -246,7 +279,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """Inverse of `config_to_dict`; missing sections take their defaults."""
     unknown = sorted(set(data) - {"model", "solver", "grad", "train", "name"})
     if unknown:
-        raise ValueError(f"unknown config sections {unknown}")
+        raise ConfigError(f"unknown config sections {unknown}")
     return Config(
         model=_build(ModelConfig, data.get("model")),
         solver=_build(SolverConfig, data.get("solver")),
@@ -268,8 +301,6 @@ def load_config(path: str | Path) -> Config:
     model = dict(data.get("model", {}))
     preset = model.pop("preset", None)
     if preset is not None:
-        from nerd.models.presets import preset_config
-
         model = {**dataclasses.asdict(preset_config(preset)), **model}
     data["model"] = model
     data.setdefault("name", Path(path).stem)

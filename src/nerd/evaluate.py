@@ -25,13 +25,16 @@ from torch import Tensor
 from nerd import allocator
 from nerd.config import SolverConfig
 from nerd.data.noise import protocol_noisy
+from nerd.errors import EvalError
 from nerd.io import list_images, load_gray
 from nerd.metrics import psnr, ssim
 from nerd.models.base import Denoiser
+from nerd.models.ensemble import check_ensemble
 from nerd.models.nerd import DEQDenoiser
+from nerd.paths import DATA_HELP, data_root
+from nerd.sigma import check_sigma255, to_unit
 
 Method = Denoiser | Callable[[Tensor, float], Tensor]
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SSIM_MIN_SIDE = 11  # Wang's Gaussian window: sigma 1.5 truncated at 3.5 sigma
 
 
@@ -50,10 +53,6 @@ def ieee_fp32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
-
-
-class EvalError(ValueError):
-    """A problem with the evaluation's inputs: a missing or empty set folder, an image too small to score."""
 
 
 class Noisy(Denoiser):
@@ -168,14 +167,8 @@ def summary_markdown(reports: Sequence[Report]) -> str:
 
 
 def default_data_root() -> Path:
-    """$NERD_DATA, else ../shared/data from the working directory, else from the repository root."""
-    env = os.environ.get("NERD_DATA")
-    if env:
-        return Path(env)
-    for candidate in (Path.cwd() / ".." / "shared" / "data", REPO_ROOT / ".." / "shared" / "data"):
-        if candidate.is_dir():
-            return candidate.resolve()
-    return (Path.cwd() / ".." / "shared" / "data").resolve()
+    """The data folder with no --data given (`nerd.paths.data_root`)."""
+    return data_root()
 
 
 def resolve_sets(data_root: str | os.PathLike[str], names: Sequence[str]) -> dict[str, list[Path]]:
@@ -190,7 +183,7 @@ def resolve_sets(data_root: str | os.PathLike[str], names: Sequence[str]) -> dic
         folder = root / name
         if not folder.is_dir():
             have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-            known = f" (have: {', '.join(have[:10])}{', ...' if len(have) > 10 else ''})" if have else ""
+            known = f" (have: {', '.join(have[:10])}{', ...' if len(have) > 10 else ''})" if have else f"; {DATA_HELP}"
             raise EvalError(f"set {name!r} not found: no folder {folder}{known}")
         images = list_images(folder)
         if not images:
@@ -287,20 +280,17 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from nerd.data.patches import dihedral, undo_dihedral
-    from nerd.denoise import ENSEMBLES
+    from nerd.models.ensemble import ensemble_solve
 
-    if not sigma255 > 0:
-        raise EvalError(f"sigma must be > 0, got {sigma255}")
-    if ensemble not in ENSEMBLES:
-        raise EvalError(f"ensemble must be one of {', '.join(map(str, ENSEMBLES))}, got {ensemble!r}")
+    sigma255 = check_sigma255(sigma255)
+    check_ensemble(ensemble)
     paths = sorted((Path(p) for p in images), key=lambda p: p.name)
     if limit is not None:
         paths = paths[:limit]
     if not paths:
         raise EvalError(f"no images to evaluate in set {set_name!r}")
     name = method_name or type(method).__name__.lower()
-    sigma = float(sigma255) / 255.0
+    sigma = to_unit(sigma255)
     device = _device_of(method)
     is_deq = isinstance(method, DEQDenoiser)
     if isinstance(method, torch.nn.Module):
@@ -332,23 +322,10 @@ def evaluate(
             raise EvalError(f"{path}: {x.shape[0]}x{x.shape[1]} is smaller than SSIM's 11x11 window")
         y = torch.from_numpy(protocol_noisy(x, sigma255)).float()[None, None].to(device)  # (1, 1, H, W)
         nfe = residual = converged = None
-        solves = []  # the solver statistics of each solve (NERD)
         with torch.no_grad():
             _sync(device)
             start = time.perf_counter()
-            x_hat_t = torch.zeros_like(y)
-            for k in range(ensemble):
-                y_k = dihedral(y, k)
-                if is_deq:
-                    eq = method.equilibrium(y_k, sigma, solver=solver)
-                    solves.append(eq.stats)
-                    x_k = eq.x_hat
-                    del eq  # before the next solve: the memory of one solve
-                else:
-                    x_k = method(y_k, sigma)
-                x_hat_t += undo_dihedral(x_k, k).float()
-                del x_k
-            x_hat_t /= ensemble
+            x_hat_t, solves = ensemble_solve(method, y, sigma, ensemble, solver=solver)
             _sync(device)
             seconds = time.perf_counter() - start
         if is_deq:

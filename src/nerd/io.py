@@ -15,14 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from nerd.errors import ImageError
+
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
 # Bit depths each output format can hold (32: float32).
 DEPTHS = {"PNG": (8, 16), "TIFF": (8, 16, 32), "JPEG": (8,), "BMP": (8,)}
-
-
-class ImageError(ValueError):
-    """An image file that cannot be read or written as a grayscale image; the message is one line."""
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:

@@ -26,7 +26,12 @@ def psnr(x_hat: ArrayLike, x: ArrayLike) -> float:
     """
     x_hat, x = _pair(x_hat, x)
     mse = float(np.mean((x_hat - x) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
+    return math.inf if mse == 0.0 else psnr_from_mse(mse)
+
+
+def psnr_from_mse(mse: float, floor: float = 1e-20) -> float:
+    """10 log10(1 / MSE) in dB for images on [0, 1], the MSE floored at `floor` (so a perfect crop stays finite)."""
+    return 10.0 * math.log10(1.0 / max(float(mse), floor))
 
 
 def ssim(x_hat: ArrayLike, x: ArrayLike) -> float:

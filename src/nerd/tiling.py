@@ -47,14 +47,11 @@ IMAGE_BYTES_PER_PIXEL = 24
 
 def history_maps(solver: Any, memory: int | None = None) -> int:
     """State-sized float32 vectors the history of `solver` (a SolverConfig) holds at its peak, with `memory` in
-    place of `solver.memory` when given: Broyden 2 per secant pair (at most max_iter - 1 pairs), Anderson 5 per
-    stored iterate (the iterates, their f-values, the residuals and their float64 copy), fixed-point none."""
+    place of `solver.memory` when given (each solver states its own: `nerd.deq.solvers.SOLVERS`)."""
+    from nerd.deq.solvers import SOLVERS
+
     m = max(1, int(solver.memory if memory is None else memory))
-    if solver.name == "fixed_point":
-        return 0
-    if solver.name == "anderson":
-        return 5 * m
-    return 2 * min(m, max(1, int(solver.max_iter) - 1))
+    return SOLVERS[solver.name].history(solver, m)
 
 
 def fit_memory(solver: Any, numel: int, budget: int = STATE_BUDGET) -> Any:
@@ -63,7 +60,7 @@ def fit_memory(solver: Any, numel: int, budget: int = STATE_BUDGET) -> Any:
     On a 2000 x 2000 image with 64 channels one state is 1 GB, so the history, not the attention, is what bounds
     the image size first. Fixed-point keeps none.
     """
-    if solver.name == "fixed_point":
+    if history_maps(solver, 1) == 0:
         return solver
     per_unit = history_maps(solver, 1) * 4 * max(1, numel)
     m = max(1, min(solver.memory, budget // per_unit))

@@ -11,12 +11,14 @@ import importlib
 import sys
 
 from nerd import allocator
+from nerd.errors import NerdError
 
 COMMANDS = ["info", "denoise", "eval", "train", "validate", "export", "bench", "experiment"]
 
 
-class UserError(Exception):
-    """A problem with the user's input: reported as one line on stderr, exit status 2, no traceback."""
+class UserError(NerdError):
+    """A problem with the command line itself (options, paths): like every `NerdError`, reported as one line on
+    stderr, exit status 2, no traceback."""
 
 
 def check_device(device: str) -> str:
@@ -35,13 +37,10 @@ def check_device(device: str) -> str:
 
 
 def check_sigma(sigma255: float, option: str = "--sigma") -> float:
-    """sigma255 when 0 < sigma255 <= 255 (the 0-255 scale); UserError otherwise."""
-    from nerd.denoise import check_sigma as valid
+    """sigma255 when 0 < sigma255 <= 255 (the 0-255 scale); a ConfigError naming `option` otherwise."""
+    from nerd.sigma import check_sigma255
 
-    try:
-        return valid(sigma255)
-    except ValueError as err:
-        raise UserError(f"{option}: {err}") from None
+    return check_sigma255(sigma255, option)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,9 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     allocator.tune()
     try:
         return int(module.run(args) or 0)
-    except UserError as err:
-        print(f"nerd {args.command}: error: {err}", file=sys.stderr)
+    except NerdError as err:  # the one place a user's error becomes one line and exit 2
+        print(f"nerd {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nerd {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (a message that quotes a file's text may hold newlines)."""
+    return " ".join(str(err).split())

@@ -46,13 +46,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     from nerd.cli import UserError
+    from nerd.config import SolverConfig
 
     if args.repeats is not None and args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
-    if args.tol is not None and not args.tol > 0:
-        raise UserError(f"--tol must be > 0, got {args.tol:g}")
+    if args.tol is not None:
+        SolverConfig().override(tol=args.tol)  # the config's own check (a ConfigError: one line, exit 2)
     if args.crop is not None and args.crop < 11:
         raise UserError(f"--crop must be >= 11 (SSIM / BM3D need room), got {args.crop}")
     if args.weights and args.preset:
@@ -63,7 +64,6 @@ def _subject(args: argparse.Namespace, device: str):
     """The model under test (or None, with a note on stderr) from --preset, --weights or the shipped nerd-s25."""
     import sys
 
-    from nerd.cli import UserError
     from nerd.lab.bench import Subject
 
     if args.preset:
@@ -71,22 +71,16 @@ def _subject(args: argparse.Namespace, device: str):
 
         from nerd.models import create_model
 
-        try:
-            torch.manual_seed(0)
-            model = create_model(args.preset)
-        except KeyError as err:
-            raise UserError(str(err.args[0])) from None
+        torch.manual_seed(0)
+        model = create_model(args.preset)
         return Subject(model.to(device).eval(), f"{args.preset} (random weights)", 25.0, None)
-    from nerd.weights import WeightsError, load_weights, shipped
+    from nerd.weights import load_weights, shipped
 
     name = args.weights or ("nerd-s25" if "nerd-s25" in shipped() else None)
     if name is None:
         print("nerd bench: note: no shipped nerd-s25 and no --weights: NERD sections are skipped", file=sys.stderr)
         return None
-    try:
-        model, info = load_weights(name, device=device)
-    except WeightsError as err:
-        raise UserError(str(err)) from None
+    model, info = load_weights(name, device=device)
     return Subject(model, info["name"], info["sigma"], info["path"])
 
 

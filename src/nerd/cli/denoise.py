@@ -59,7 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--iters", metavar="N", help="solver iterations cap (overrides the weights' max_iter)")
     p.add_argument(
-        "--tol", metavar="T", help="solver relative-residual tolerance (overrides the weights' tol)"
+        "--tol", metavar="T",
+        help="solver relative-residual tolerance, >= 0 (0: always run --iters; overrides the weights' tol)",
     )
     p.add_argument("--device", metavar="cpu|cuda[:N]", help="default: cuda when available, else cpu")
     p.add_argument(
@@ -99,7 +100,7 @@ class Job:
 
 
 def _number(text: str | None, option: str, kind: type, low: float) -> Any:
-    """Parse an option value, UserError unless finite and >= low (or > 0 for floats with low 0)."""
+    """Parse an option value, UserError unless finite and >= low."""
     from nerd.cli import UserError
 
     if text is None:
@@ -109,8 +110,8 @@ def _number(text: str | None, option: str, kind: type, low: float) -> Any:
     except ValueError:
         noun = "an integer" if kind is int else "a number"
         raise UserError(f"{option} must be {noun}, got {text!r}") from None
-    if not math.isfinite(value) or value < low or (low == 0 and value <= 0):
-        raise UserError(f"{option} must be {'> 0' if low == 0 else f'>= {low}'}, got {text!r}")
+    if not math.isfinite(value) or value < low:
+        raise UserError(f"{option} must be >= {low:g}, got {text!r}")
     return value
 
 
@@ -121,10 +122,10 @@ def _parse_sigma(text: str | None) -> float | str | None:
     if text is None or text.lower() == "auto":
         return None if text is None else "auto"
     try:
-        sigma = float(text)
+        float(text)
     except ValueError:
         raise UserError(f"--sigma must be a number on the 0-255 scale or 'auto', got {text!r}") from None
-    return check_sigma(sigma)
+    return check_sigma(text)
 
 
 def _parse_tile(text: str) -> int | str | None:
@@ -275,26 +276,20 @@ def _nearest_shipped(sigma: float) -> str:
 
 
 def _load(name: str, device: str, cache: dict[str, tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any]]:
-    from nerd.cli import UserError
-    from nerd.weights import WeightsError, load_weights
+    from nerd.weights import load_weights
 
     if name not in cache:
-        try:
-            cache[name] = load_weights(name, device=device)
-        except WeightsError as err:
-            raise UserError(str(err)) from None
+        cache[name] = load_weights(name, device=device)
     return cache[name]
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
 
     from tqdm import tqdm
 
     from nerd import allocator
     from nerd.cli import UserError, check_device
     from nerd.denoise import (
-        ENSEMBLES,
         SAMPLE_CLEAN,
         SAMPLE_SIGMA,
         DenoiseError,
@@ -304,8 +299,9 @@ def run(args: argparse.Namespace) -> int:
         describe,
         estimate_sigma255,
     )
-    from nerd.io import ImageError, output_format, read_image, to_pixels, write_image
+    from nerd.io import output_format, read_image, to_pixels, write_image
     from nerd.metrics import psnr as psnr_db
+    from nerd.models.ensemble import check_ensemble
 
     if args.gray and args.colour:
         raise UserError("give --gray (luminance) or --colour (each RGB channel), not both")
@@ -314,8 +310,7 @@ def run(args: argparse.Namespace) -> int:
     tol = _number(args.tol, "--tol", float, 0)
     tile_choice = _parse_tile(args.tile)
     ensemble = _number(args.ensemble, "--ensemble", int, 1)
-    if ensemble not in ENSEMBLES:
-        raise UserError(f"--ensemble must be one of {', '.join(map(str, ENSEMBLES))}, got {args.ensemble!r}")
+    check_ensemble(ensemble, "--ensemble")
     device = check_device(args.device or default_device())
     files, batch = _inputs(args)  # the paths exist (images are decoded below, after the weights)
     if sigma is None and args.sample:
@@ -335,11 +330,8 @@ def run(args: argparse.Namespace) -> int:
     jobs, create = _plan(files, batch, args.output)
     cached: dict[Path, Any] = {}
     for job in jobs:  # validate every image (fully decoded) and its output format before writing anything
-        try:
-            y, job.depth = read_image(job.src, gray=args.gray, colour=args.colour)
-            output_format(job.dst, job.depth)
-        except ImageError as err:
-            raise UserError(str(err)) from None
+        y, job.depth = read_image(job.src, gray=args.gray, colour=args.colour)
+        output_format(job.dst, job.depth)
         if sigma == "auto":
             try:
                 job.sigma = estimate_sigma255(y)
@@ -369,15 +361,10 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(jobs, unit="image", disable=args.quiet or len(jobs) < 2, file=sys.stderr)
     for job in bar:
         model, _ = models[job.weights]
-        solver = model.solver
-        if iters is not None or tol is not None:
-            solver = dataclasses.replace(solver, max_iter=iters or solver.max_iter, tol=tol or solver.tol)
+        solver = model.solver.override(max_iter=iters, tol=tol)
         y = cached.pop(job.src, None)
         if y is None:
-            try:
-                y, _ = read_image(job.src, gray=args.gray, colour=args.colour)
-            except ImageError as err:  # changed since validation
-                raise UserError(str(err)) from None
+            y, _ = read_image(job.src, gray=args.gray, colour=args.colour)
         sigma_in = job.sigma if job.sigma > 0 else models[job.weights][1]["sigma"]
         tile, why = _tile_for(y.shape[:2], tile_choice, model, solver, device)
         if why:
@@ -392,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
         write_image(job.dst, x_hat, job.depth)
         allocator.release()  # freed memory back to the kernel between images
         say(f"{job.src.name}: {describe(summary)} -> {job.dst}")
-        if not summary["converged"] and args.quiet:
+        if not summary.converged and args.quiet:
             print(f"warning: {job.src.name}: solver {convergence(summary)}", file=sys.stderr)
         if args.sample:
             clean, _ = read_image(SAMPLE_CLEAN)

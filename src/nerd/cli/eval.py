@@ -15,6 +15,8 @@ import argparse
 import os
 from pathlib import Path
 
+from nerd.config import SOLVER_NAMES
+
 METHODS = ("nerd", "dncnn", "bm3d", "noisy")
 
 
@@ -38,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="nerd weights: shipped name or .safetensors path (default: nerd-s<sigma> per sigma)")
     p.add_argument("--iters", type=int, default=None, metavar="N", help="nerd: solver max iterations")
     p.add_argument("--tol", type=float, default=None, metavar="T", help="nerd: solver relative tolerance")
-    p.add_argument("--solver", choices=("broyden", "anderson", "fixed_point"), default=None,
+    p.add_argument("--solver", choices=SOLVER_NAMES, default=None,
                    help="nerd: solver")
     p.add_argument("--compile", action="store_true",
                    help="nerd: torch.compile the implicit layer (pays on many same-size images: the first image of "
@@ -60,10 +62,9 @@ def _check(args: argparse.Namespace) -> None:
 
     for sigma255 in args.sigma:
         check_sigma(sigma255)
-    from nerd.denoise import ENSEMBLES
+    from nerd.models.ensemble import check_ensemble
 
-    if args.ensemble not in ENSEMBLES:
-        raise UserError(f"--ensemble must be one of {', '.join(map(str, ENSEMBLES))}, got {args.ensemble}")
+    check_ensemble(args.ensemble, "--ensemble")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     nerd_only = {"--weights": args.weights, "--iters": args.iters, "--tol": args.tol, "--solver": args.solver,
@@ -75,8 +76,6 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError("--anchors only applies to --method dncnn")
     if args.iters is not None and args.iters < 1:
         raise UserError(f"--iters must be >= 1, got {args.iters}")
-    if args.tol is not None and not args.tol > 0:
-        raise UserError(f"--tol must be > 0, got {args.tol:g}")
 
 
 def _tag(args: argparse.Namespace, weights_name: str | None) -> str:
@@ -132,16 +131,12 @@ def run(args: argparse.Namespace) -> int:
 
     from nerd import allocator
     from nerd.cli import UserError, check_device
-    from nerd.evaluate import EvalError, Noisy, default_data_root, evaluate, resolve_sets, summary_markdown
-    from nerd.io import ImageError
+    from nerd.evaluate import Noisy, default_data_root, evaluate, resolve_sets, summary_markdown
 
     _check(args)
     check_device(args.device)
     data_root = Path(args.data) if args.data else default_data_root()
-    try:
-        sets = resolve_sets(data_root, args.sets)
-    except EvalError as err:
-        raise UserError(str(err)) from None
+    sets = resolve_sets(data_root, args.sets)
     out = Path(args.out)
 
     def load(sigma255: float):
@@ -159,24 +154,13 @@ def run(args: argparse.Namespace) -> int:
         if args.method == "dncnn":
             from nerd.models.dncnn import anchors_dir, load_dncnn
 
-            try:
-                model = load_dncnn(sigma255, args.anchors)
-            except (FileNotFoundError, ValueError) as err:
-                raise UserError(str(err)) from None
+            model = load_dncnn(sigma255, args.anchors)
             return model.to(args.device), None, {"anchors": str(anchors_dir(args.anchors))}, None
-        from nerd.weights import WeightsError, default_name, load_weights
+        from nerd.weights import default_name, load_weights
 
         name = args.weights or default_name(sigma255)
-        try:
-            model, info = load_weights(name, device=args.device)
-        except WeightsError as err:
-            raise UserError(str(err)) from None
-        try:
-            overrides = {"name": args.solver, "max_iter": args.iters, "tol": args.tol}
-            given = {k: v for k, v in overrides.items() if v is not None}
-            solver = dataclasses.replace(model.solver, **given)
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        model, info = load_weights(name, device=args.device)
+        solver = model.solver.override(name=args.solver, max_iter=args.iters, tol=args.tol)
         if args.compile:
             model.layer.compile()  # in place: the solver, the statistics and the weights' keys are unchanged
         if info["sigma"] != sigma255:
@@ -198,13 +182,10 @@ def run(args: argparse.Namespace) -> int:
             path = out / _report_name(_tag(args, weights_name), set_name, sigma255)
             # per-image progress, a rerun continues from it; not *.json, so that no reader of results takes it for one
             partial = path.with_name(path.name + ".partial")
-            try:
-                report = evaluate(method, images, sigma255, set_name=set_name, progress=not args.no_progress,
-                                  solver=solver, method_name=args.method, limit=args.limit,
-                                  meta={**meta, "data": str(data_root), "malloc": allocator.status}, partial=partial,
-                                  ensemble=args.ensemble)
-            except (EvalError, ImageError) as err:
-                raise UserError(str(err)) from None
+            report = evaluate(method, images, sigma255, set_name=set_name, progress=not args.no_progress,
+                              solver=solver, method_name=args.method, limit=args.limit,
+                              meta={**meta, "data": str(data_root), "malloc": allocator.status}, partial=partial,
+                              ensemble=args.ensemble)
             if report.meta.get("resumed_rows"):
                 print(f"nerd eval: {report.meta['resumed_rows']} image(s) reused from {partial} "
                       "(an interrupted run)", file=sys.stderr)

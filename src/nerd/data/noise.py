@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nerd.sigma import to_unit
+
 
 def protocol_noisy(x: np.ndarray, sigma255: float) -> np.ndarray:
     """The protocol's noisy image: y = x + sigma255 / 255 * n, n = RandomState(0).randn(*x.shape).
@@ -25,7 +27,7 @@ def protocol_noisy(x: np.ndarray, sigma255: float) -> np.ndarray:
         y: float64 array of x's shape, not clipped.
     """
     n = np.random.RandomState(0).randn(*x.shape)
-    return np.asarray(x, dtype=np.float64) + (float(sigma255) / 255.0) * n
+    return np.asarray(x, dtype=np.float64) + to_unit(sigma255) * n
 
 
 def add_noise(x: Tensor, sigma: float | Tensor, generator: torch.Generator | None = None) -> Tensor:

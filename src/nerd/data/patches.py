@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from nerd.io import list_images, load_gray
+from nerd.sigma import to_unit
 
 
 def dihedral(x: Tensor, k: int) -> Tensor:
@@ -60,7 +61,7 @@ class PatchSampler:
         if small:
             raise ValueError(f"crop {crop} is larger than some training images, e.g. {small[0]}")
         self.images, self.crop, self.generator = images, crop, generator
-        self.sigmas = torch.tensor([s / 255.0 for s in sigmas255], dtype=torch.float32)
+        self.sigmas = torch.tensor([to_unit(s) for s in sigmas255], dtype=torch.float32)
 
     def _randint(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self.generator))
@@ -93,5 +94,5 @@ def validation_pairs(images: list[Tensor], sigma255: float, crop: int = 0) -> li
             top, left = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
             x = x[:, top : top + crop, left : left + crop]
         n = np.random.RandomState(i).randn(*x.shape).astype(np.float32)
-        pairs.append((x[None], x[None] + sigma255 / 255.0 * torch.from_numpy(n)[None]))
+        pairs.append((x[None], x[None] + to_unit(sigma255) * torch.from_numpy(n)[None]))
     return pairs

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from nerd.config import SolverConfig
+from nerd.config import SOLVER_NAMES, SolverConfig
 
 Map = Callable[[Tensor], Tensor]
 _EPS = 1e-12
+_D = SolverConfig()  # the one source of defaults: a keyword left out below takes SolverConfig's value
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def _flat(f: Map, shape: torch.Size) -> Callable[[Tensor], Tensor]:
 
 
 def fixed_point(
-    f: Map, z0: Tensor, *, max_iter: int = 50, tol: float = 1e-3, damping: float = 1.0
+    f: Map, z0: Tensor, *, max_iter: int = _D.max_iter, tol: float = _D.tol, damping: float = _D.damping
 ) -> tuple[Tensor, SolverStats]:
     """Damped fixed-point iteration z <- (1 - damping) z + damping f(z); damping = 1 is plain iteration.
 
@@ -149,11 +150,11 @@ def anderson(
     f: Map,
     z0: Tensor,
     *,
-    max_iter: int = 50,
-    tol: float = 1e-3,
-    memory: int = 5,
-    ridge: float = 1e-4,
-    damping: float = 1.0,
+    max_iter: int = _D.max_iter,
+    tol: float = _D.tol,
+    memory: int = _D.memory,
+    ridge: float = _D.ridge,
+    damping: float = _D.damping,
 ) -> tuple[Tensor, SolverStats]:
     """Anderson acceleration (type II) with a ring of `memory` past iterates.
 
@@ -203,9 +204,9 @@ def broyden(
     f: Map,
     z0: Tensor,
     *,
-    max_iter: int = 17,
-    tol: float = 1e-3,
-    memory: int = 8,
+    max_iter: int = _D.max_iter,
+    tol: float = _D.tol,
+    memory: int = _D.memory,
 ) -> tuple[Tensor, SolverStats]:
     """Limited-memory ("good") Broyden on g(z) = f(z) - z, the paper's forward solver (Sec. V-A).
 
@@ -256,15 +257,40 @@ def broyden(
     return track.result(shape)
 
 
-def solve(f: Map, z0: Tensor, cfg: SolverConfig) -> tuple[Tensor, SolverStats]:
-    """Run the solver named in `cfg` (the one dispatch point, so configs select solvers by name)."""
-    if cfg.name == "broyden":
-        return broyden(f, z0, max_iter=cfg.max_iter, tol=cfg.tol, memory=cfg.memory)
-    if cfg.name == "anderson":
-        return anderson(
-            f, z0, max_iter=cfg.max_iter, tol=cfg.tol, memory=cfg.memory, ridge=cfg.ridge, damping=cfg.damping
-        )
-    if cfg.name == "fixed_point":
-        return fixed_point(f, z0, max_iter=cfg.max_iter, tol=cfg.tol, damping=cfg.damping)
-    raise KeyError(f"unknown solver {cfg.name!r}; choose broyden, anderson or fixed_point")
+@dataclass(frozen=True)
+class Solver:
+    """A registered forward solver.
 
+    Attributes:
+        run: (f, z0, cfg) -> (z, stats), reading the fields of `cfg` it uses.
+        history: (cfg, memory) -> how many state-sized vectors the solver keeps at its peak with `memory` stored
+            updates (what memory planners such as `nerd.tiling` budget for).
+    """
+
+    run: Callable[[Map, Tensor, SolverConfig], tuple[Tensor, SolverStats]]
+    history: Callable[[SolverConfig, int], int]
+
+
+SOLVERS: dict[str, Solver] = {
+    # Broyden keeps 2 vectors (u, v) per secant pair, and never more pairs than steps.
+    "broyden": Solver(
+        run=lambda f, z0, c: broyden(f, z0, max_iter=c.max_iter, tol=c.tol, memory=c.memory),
+        history=lambda c, m: 2 * min(m, max(1, c.max_iter - 1)),
+    ),
+    # Anderson keeps 5 per stored iterate: the iterates, their f-values, the residuals and their float64 copy.
+    "anderson": Solver(
+        run=lambda f, z0, c: anderson(f, z0, max_iter=c.max_iter, tol=c.tol, memory=c.memory, ridge=c.ridge,
+                                      damping=c.damping),
+        history=lambda c, m: 5 * m,
+    ),
+    "fixed_point": Solver(
+        run=lambda f, z0, c: fixed_point(f, z0, max_iter=c.max_iter, tol=c.tol, damping=c.damping),
+        history=lambda c, m: 0,
+    ),
+}
+assert tuple(SOLVERS) == SOLVER_NAMES, "every solver name of SolverConfig is registered here, in the same order"
+
+
+def solve(f: Map, z0: Tensor, cfg: SolverConfig) -> tuple[Tensor, SolverStats]:
+    """Run the solver that `cfg.name` registers in `SOLVERS` (configs select solvers by name)."""
+    return SOLVERS[cfg.name].run(f, z0, cfg)

@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from nerd import allocator
-from nerd.config import GradConfig, ModelConfig, SolverConfig
+from nerd.config import SOLVER_NAMES, GradConfig, ModelConfig, SolverConfig
 from nerd.lab.bench_report import (  # noqa: F401 (markdown_tables re-exported)
     SECTIONS,
     _clean,
@@ -59,6 +59,7 @@ from nerd.lab.bench_report import (  # noqa: F401 (markdown_tables re-exported)
     targets,
 )
 from nerd.models.nerd import DEQDenoiser
+from nerd.sigma import to_unit
 
 MIB = 2**20
 Log = Callable[[str], None]
@@ -413,7 +414,7 @@ def bench_inference(
         calls: dict[str, Callable[[], Any]] = {}
         meta: dict[str, dict[str, Any]] = {}
         if subject is not None:
-            model, sigma = subject.model, subject.sigma255 / 255
+            model, sigma = subject.model, to_unit(subject.sigma255)
             for k in s.iters:
                 calls[f"nerd {k} it"] = _nerd_call(model, y, sigma, replace(model.solver, max_iter=k, tol=0.0))
                 meta[f"nerd {k} it"] = {"method": "nerd", "iters": k, "tol": 0.0}
@@ -439,13 +440,13 @@ def bench_solvers(
     subject: Subject, images: list[dict[str, Any]], device: torch.device, s: BenchSettings, tol: float
 ) -> dict[str, Any]:
     """Broyden, Anderson and plain iteration to `tol` (cap `solver_cap`): nfe, time, residual traces."""
-    model, sigma = subject.model, subject.sigma255 / 255
+    model, sigma = subject.model, to_unit(subject.sigma255)
     out: dict[str, Any] = {"tol": tol, "max_iter": s.solver_cap, "images": []}
     for im in images:
         y = _noisy(im, device)
         _warm_up(model, y, sigma, device)
         runs = []
-        for name in ("broyden", "anderson", "fixed_point"):
+        for name in SOLVER_NAMES:
             # Anderson keeps 2 m full-size iterates: m 5 (its usual memory) rather than Broyden's m.
             memory = min(model.solver.memory, 5) if name == "anderson" else model.solver.memory
             solver = replace(model.solver, name=name, max_iter=s.solver_cap, tol=tol, memory=memory)
@@ -468,7 +469,7 @@ def bench_adaptive(
     subject: Subject, images: list[dict[str, Any]], device: torch.device, tol: float, cap: int = 17
 ) -> dict[str, Any]:
     """Per-image stopping at `tol` vs a fixed `cap` iterations: f-evaluations saved, PSNR lost."""
-    model, sigma = subject.model, subject.sigma255 / 255
+    model, sigma = subject.model, to_unit(subject.sigma255)
     rows = []
     warmed: set[torch.Size] = set()
     for im in images:
@@ -719,7 +720,7 @@ def run_bench(
             from nerd.models.dncnn import load_dncnn
 
             dncnn = load_dncnn(sigma255, anchors).to(device)
-            baselines["dncnn"] = lambda y: dncnn(y, sigma255 / 255)
+            baselines["dncnn"] = lambda y: dncnn(y, to_unit(sigma255))
         except (FileNotFoundError, ValueError) as err:
             notes.append(f"DnCNN-S skipped: {err}")
         try:
@@ -728,7 +729,7 @@ def run_bench(
             from nerd.models.bm3d import BM3D
 
             bm3d_model = BM3D()
-            baselines["bm3d"] = lambda y: bm3d_model(y, sigma255 / 255)
+            baselines["bm3d"] = lambda y: bm3d_model(y, to_unit(sigma255))
         except ImportError:
             notes.append("BM3D skipped: the bm3d package is not installed (pip install 'nerd[bm3d]')")
         if subject is None:

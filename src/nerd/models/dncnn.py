@@ -14,10 +14,10 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nerd.errors import WeightsError
 from nerd.models.base import Denoiser
 
 SIGMAS = (15, 25, 50)
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 class DnCNN(Denoiser):
@@ -47,36 +47,28 @@ class DnCNN(Denoiser):
 
 
 def anchors_dir(anchors: str | os.PathLike[str] | None = None) -> Path:
-    """The anchors folder: `anchors`, else $NERD_ANCHORS, else ../shared/anchors from the cwd or the repo."""
-    if anchors is not None:
-        return Path(anchors)
-    env = os.environ.get("NERD_ANCHORS")
-    if env:
-        return Path(env)
-    for candidate in (Path.cwd() / ".." / "shared" / "anchors", REPO_ROOT / ".." / "shared" / "anchors"):
-        if candidate.is_dir():
-            return candidate.resolve()
-    return (Path.cwd() / ".." / "shared" / "anchors").resolve()
+    """The anchors folder: `anchors`, else $NERD_ANCHORS, else ../shared/anchors (`nerd.paths.anchors_root`)."""
+    from nerd.paths import anchors_root
+
+    return anchors_root(anchors)
 
 
 def load_dncnn(sigma255: float, anchors: str | os.PathLike[str] | None = None) -> DnCNN:
     """The authors' DnCNN-S for `sigma255` (15, 25 or 50) from ``dncnn_sigma<S>.safetensors``, in eval mode.
 
     Raises:
-        FileNotFoundError: the weights file is missing.
-        ValueError: `sigma255` has no pretrained model.
+        WeightsError: the weights file is missing, or `sigma255` has no pretrained model.
     """
     from safetensors.torch import load_file
 
     if round(float(sigma255)) not in SIGMAS or float(sigma255) != round(float(sigma255)):
         have = ", ".join(map(str, SIGMAS))
-        raise ValueError(f"DnCNN-S has pretrained weights only for sigma {have}, got {sigma255:g}")
+        raise WeightsError(f"DnCNN-S has pretrained weights only for sigma {have}, got {sigma255:g}")
     path = anchors_dir(anchors) / f"dncnn_sigma{round(float(sigma255))}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"DnCNN weights not found: {path} "
-            "(set --anchors or NERD_ANCHORS to the folder holding dncnn_sigma*.safetensors)"
-        )
+        from nerd.paths import ANCHORS_HELP
+
+        raise WeightsError(f"DnCNN weights not found: {path} ({ANCHORS_HELP})")
     model = DnCNN()
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()

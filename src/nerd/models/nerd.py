@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from nerd.config import GradConfig, ModelConfig, SolverConfig
-from nerd.deq import implicit_grad, phantom_grad, solve, unrolled
+from nerd.deq.core import deq_solve
 from nerd.deq.solvers import SolverStats
 from nerd.models.attention import NeighbourhoodMSA
 from nerd.models.base import Denoiser
@@ -172,42 +172,14 @@ class DEQDenoiser(Denoiser):
             s = self.inject(y)
             mask = self.layer.new_dropout_mask(s)
 
-            # Under autocast only f runs in low precision; the solver's own arithmetic (Broyden's low-rank
-            # products, Anderson's mixing, the damped steps) stays in the state's dtype (>= fp32).
-            dev = y.device.type
-            amp = torch.is_autocast_enabled(dev)
-            amp_dtype = torch.get_autocast_dtype(dev)
-
             def f(z: Tensor) -> Tensor:
-                with torch.autocast(dev, dtype=amp_dtype, enabled=amp):
-                    return self.layer(z, s, mask).to(z.dtype)
+                return self.layer(z, s, mask)
 
-            z0 = torch.zeros_like(s, dtype=torch.promote_types(s.dtype, torch.float32))  # solver state: >= fp32
-            grad_on = torch.is_grad_enabled()
-            with torch.autocast(dev, enabled=False):
-                z, z_star, stats, backward_stats = self._solve(f, z0, solver, grad_on)
-            out = self.decode(z.to(s.dtype))
+            sol = deq_solve(f, torch.zeros_like(s), solver, self.grad)  # from z = 0, as the paper does
+            out = self.decode(sol.z.to(s.dtype))
         x_hat = y + out if self.cfg.equilibrium == "noise" else out
-        return Equilibrium(x_hat=x_hat, z_star=z_star, s=s.detach(), stats=stats, backward_stats=backward_stats)
-
-    def _solve(
-        self, f: Callable[[Tensor], Tensor], z0: Tensor, solver: SolverConfig, grad_on: bool
-    ) -> tuple[Tensor, Tensor, SolverStats, list[SolverStats]]:
-        """(z to decode, z*, stats, backward stats): the no-grad solve, then the configured gradient's own steps when
-        grad is on (the implicit gradient's backward solve fills the list when backward runs)."""
-        if grad_on and self.grad.mode == "unrolled":
-            z = unrolled(f, z0, steps=self.grad.steps, damping=self.grad.damping)
-            with torch.no_grad():
-                _, stats = solve(f, z.detach(), replace(solver, max_iter=1))
-            return z, z.detach(), stats, []
-        with torch.no_grad():
-            z_star, stats = solve(f, z0, solver)
-        if not grad_on:
-            return z_star, z_star, stats, []
-        if self.grad.mode == "phantom":
-            return phantom_grad(f, z_star, steps=self.grad.steps, damping=self.grad.damping), z_star, stats, []
-        z, backward_stats = implicit_grad(f, z_star, backward=self.grad.backward)
-        return z, z_star, stats, backward_stats
+        return Equilibrium(x_hat=x_hat, z_star=sol.z_star, s=s.detach(), stats=sol.stats,
+                           backward_stats=sol.backward_stats)
 
     def forward(
         self, y: Tensor, sigma: float | Tensor | None = None, *, solver: SolverConfig | None = None

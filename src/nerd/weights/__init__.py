@@ -22,12 +22,10 @@ from typing import Any
 
 import torch
 
+from nerd.errors import WeightsError
+
 WEIGHTS_DIR = Path(__file__).resolve().parent
 FORMAT = "nerd-2"  # nerd-1 files (checksum over the tensors only) still load
-
-
-class WeightsError(ValueError):
-    """Unknown, unreadable or corrupt weights."""
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor], header: str = "") -> str:

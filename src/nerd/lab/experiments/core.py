@@ -19,15 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from nerd.config import Config, GradConfig, ModelConfig, SolverConfig, TrainConfig, config_to_dict
+from nerd.errors import ExperimentError
 from nerd.models.presets import preset_config
 
 PRESETS = ("smoke", "quick", "paper")
 PAPER_CROP = 64  # the paper's training crop: neighbourhood sizes are scaled by crop / 64 at smaller presets
 FIGURE_IMAGE = "05.png"  # Monarch, the Set12 image of the paper's Fig. 1, 6 and 8
-
-
-class ExperimentError(ValueError):
-    """Bad input for an experiment (missing data or weights, a run folder holding another config)."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +181,7 @@ class Context:
                 "budget": asdict(self.budget)}
 
 
-def base_config(ctx: Context, exp: str, variant: str, *, sigma: float = 25.0, grad: GradConfig | None = None,
+def base_config(ctx: Context, exp: str, variant: str, *, sigma255: float = 25.0, grad: GradConfig | None = None,
                 solver: SolverConfig | None = None, **model: Any) -> Config:
     """The preset's recipe for one variant: its model preset (paper's 4 heads, q scaled to the crop), Broyden,
     phantom gradient (T, lambda), AdamW lr 1e-3 with cosine decay, the experiment's steps and the context's seed;
@@ -199,7 +196,7 @@ def base_config(ctx: Context, exp: str, variant: str, *, sigma: float = 25.0, gr
     train_dir = ctx.folder("Train400")
     steps = ctx.steps_for(exp)
     n_train = max(1, len(list_images(train_dir)) - b.val_images)
-    t = TrainConfig(data=str(train_dir), sigma=(float(sigma),), crop=b.crop, batch=b.batch, steps=steps, lr=b.lr,
+    t = TrainConfig(data=str(train_dir), sigma=(float(sigma255),), crop=b.crop, batch=b.batch, steps=steps, lr=b.lr,
                     val_images=b.val_images, val_crop=b.val_crop, val_every=1, seed=ctx.seed,
                     train_iters=b.train_iters, log_every=max(1, min(10, steps or 10)), checkpoint_minutes=2.0)
     t = replace(t, val_every=max(1, t.total_steps(n_train) // b.val_points))
@@ -279,8 +276,7 @@ def memo(path: Path, key: str, stamp: str, fn: Callable[[], Any]) -> Any:
 
 def train_run(ctx: Context, exp: str, variant: str, cfg: Config) -> Run:
     """Train variant `variant` of experiment `exp`, or resume it, or reuse it when finished."""
-    import torch
-
+    from nerd.checkpoint import load_checkpoint
     from nerd.io import list_images
     from nerd.train import NonFiniteLoss, train
 
@@ -297,7 +293,7 @@ def train_run(ctx: Context, exp: str, variant: str, cfg: Config) -> Run:
     if marker.exists():
         return _diverged(ctx, exp, Run(variant, run_dir, cfg, marker.read_text().strip()))
     if ckpt.exists():
-        step = torch.load(ckpt, map_location="cpu", weights_only=False)["step"]
+        step = load_checkpoint(ckpt)["step"]  # runs no code from the file; WeightsError for a damaged one
         if step >= total and (run_dir / "best.safetensors").exists():
             return Run(variant, run_dir, cfg)
         resume = True
@@ -311,7 +307,7 @@ def train_run(ctx: Context, exp: str, variant: str, cfg: Config) -> Run:
     except NonFiniteLoss as err:  # a result, not a failure: the variant is scored with its best weights
         marker.write_text(f"{err}\n")
         return _diverged(ctx, exp, Run(variant, run_dir, cfg, str(err)))
-    step = torch.load(ckpt, map_location="cpu", weights_only=False)["step"]
+    step = load_checkpoint(ckpt)["step"]
     if step < total:  # stopped by a signal: the checkpoint is kept, the same command resumes it
         ctx.log(f"{exp}/{variant}: stopped at step {step} of {total}; re-run the same command to resume")
         raise KeyboardInterrupt
@@ -327,28 +323,28 @@ def _diverged(ctx: Context, exp: str, run: Run) -> Run:
     return run
 
 
-def evaluate_on(ctx: Context, method: Any, sigma: float, *, solver: SolverConfig | None = None,
+def evaluate_on(ctx: Context, method: Any, sigma255: float, *, solver: SolverConfig | None = None,
                 images: Sequence[Path] | None = None, limit: int | None | str = "default", name: str = "nerd",
                 set_name: str = "Set12") -> dict[str, Any]:
     """`nerd.evaluate.evaluate` on the test set (or `images`): the report as a dict (means, per-image rows)."""
     from nerd.evaluate import evaluate
 
     lim = ctx.test_limit() if limit == "default" else limit
-    report = evaluate(method, images if images is not None else ctx.test_images(), sigma, set_name=set_name,
+    report = evaluate(method, images if images is not None else ctx.test_images(), sigma255, set_name=set_name,
                       progress=ctx.progress, solver=solver, method_name=name, limit=lim)  # type: ignore[arg-type]
     out = report.to_dict()
     out.pop("protocol", None)
     return out
 
 
-def test_key(ctx: Context, sigma: float, extra: str = "") -> str:
-    """Cache key of a test evaluation: folder, sigma, image limit and anything else that changes it."""
-    return f"{ctx.folder('Set12').name}-s{sigma:g}-limit{ctx.test_limit()}{('-' + extra) if extra else ''}"
+def test_key(ctx: Context, sigma255: float, extra: str = "") -> str:
+    """Cache key of a test evaluation: folder, sigma255, image limit and anything else that changes it."""
+    return f"{ctx.folder('Set12').name}-s{sigma255:g}-limit{ctx.test_limit()}{('-' + extra) if extra else ''}"
 
 
-def test_scores(ctx: Context, run: Run, sigma: float | None = None) -> dict[str, Any]:
-    """The run's best-validation weights scored on the test set at its own sigma (cached)."""
-    s = sigma if sigma is not None else run.cfg.train.sigma[0]
+def test_scores(ctx: Context, run: Run, sigma255: float | None = None) -> dict[str, Any]:
+    """The run's best-validation weights scored on the test set at its own sigma255 (cached)."""
+    s = sigma255 if sigma255 is not None else run.cfg.train.sigma[0]
     return run.memo(test_key(ctx, s), lambda: evaluate_on(ctx, run.load(ctx.dev), s))
 
 

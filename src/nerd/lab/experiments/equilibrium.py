@@ -15,6 +15,7 @@ from nerd.lab.experiments.core import Context, Run, base_config, evaluate_on, me
 from nerd.lab.experiments.plots import learning_curves, paper_vs_ours
 from nerd.lab.experiments.report import Outcome, Table, fmt, ps
 from nerd.lab.experiments.verdict import from_numbers, from_order, judge
+from nerd.sigma import to_unit
 
 
 def early_drops(curve: list[dict[str, float]]) -> float:
@@ -26,7 +27,7 @@ def early_drops(curve: list[dict[str, float]]) -> float:
 def equilibrium(ctx: Context) -> Outcome:
     """Table IV / Fig. 7: x_hat = y + decode(z*) (noise) vs x_hat = decode(z*) (image), per noise level."""
     sigmas = ctx.sigmas_for("equilibrium")
-    configs = {f"{kind}-s{s:g}": base_config(ctx, "equilibrium", f"{kind}-s{s:g}", sigma=s, equilibrium=kind)
+    configs = {f"{kind}-s{s:g}": base_config(ctx, "equilibrium", f"{kind}-s{s:g}", sigma255=s, equilibrium=kind)
                for s in sigmas for kind in ("noise", "image")}
     runs, tests = train_and_test(ctx, "equilibrium", configs)
     claims, rows = [], []
@@ -96,7 +97,7 @@ def noise_levels(model: torch.nn.Module, x: np.ndarray, sigma: float, iters: int
     y = torch.from_numpy(protocol_noisy(x, sigma)).float()[None, None].to(next(model.parameters()).device)
     try:
         with torch.no_grad():
-            model.equilibrium(y, sigma / 255, solver=SolverConfig(name="broyden", max_iter=iters, tol=0.0))
+            model.equilibrium(y, to_unit(sigma), solver=SolverConfig(name="broyden", max_iter=iters, tol=0.0))
             return [float(model.decode(z).double().std()) * 255 for z in outs]
     finally:
         handle.remove()

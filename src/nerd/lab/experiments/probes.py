@@ -15,6 +15,7 @@ from nerd.lab.experiments.core import Context, ExperimentError, memo
 from nerd.lab.experiments.equilibrium import load_figure_image
 from nerd.lab.experiments.report import Outcome, Table, fmt
 from nerd.lab.experiments.verdict import Expect, judge
+from nerd.sigma import to_unit
 
 
 def load_model(ctx: Context, default: str) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -52,7 +53,7 @@ def convergence(ctx: Context) -> Outcome:
 
     def trace(cfg: SolverConfig) -> dict[str, Any]:
         with torch.no_grad():
-            eq = model.equilibrium(y, sigma / 255, solver=cfg)
+            eq = model.equilibrium(y, to_unit(sigma), solver=cfg)
         tr = [float(v) for v in eq.stats.trace[0]]
         return {"trace": tr, "psnr": _psnr(eq.x_hat, x), "min_residual": min(tr),
                 "reach_1e-3": next((i + 1 for i, v in enumerate(tr) if v < 1e-3), None),
@@ -135,7 +136,7 @@ def features(ctx: Context) -> Outcome:
     solver = SolverConfig(name=model.solver.name, max_iter=ctx.budget.infer_iters or model.solver.max_iter,
                           tol=model.solver.tol, memory=model.solver.memory)
     with torch.no_grad():
-        eq = model.equilibrium(y, sigma / 255, solver=solver)
+        eq = model.equilibrium(y, to_unit(sigma), solver=solver)
         dz = model.decode(eq.z_star.to(eq.s.dtype))[0, 0].double().cpu().numpy()
         ds = model.decode(eq.s)[0, 0].double().cpu().numpy()
     yn = y[0, 0].double().cpu().numpy()
