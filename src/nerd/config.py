@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,6 +26,25 @@ SolverName = Literal["broyden", "anderson", "fixed_point"]
 GradMode = Literal["phantom", "implicit", "unrolled"]
 SOLVER_NAMES: tuple[str, ...] = get_args(SolverName)  # the one list: `nerd.deq.solvers.SOLVERS` registers each
 GRAD_MODES: tuple[str, ...] = get_args(GradMode)
+
+
+MAX_CHANNELS = 4096  # far above any model of the paper (128): a bound for configs read from files
+MAX_WINDOW = 1023
+MAX_ITER = 100_000
+
+
+def _check_range(cfg: Any, name: str, low: int, high: int) -> None:
+    """ConfigError unless field `name` of `cfg` is an int (not a bool) in [low, high]."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{type(cfg).__name__}.{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_number(cfg: Any, name: str) -> None:
+    """ConfigError unless field `name` of `cfg` is a finite int or float (not a bool)."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{type(cfg).__name__}.{name} must be a finite number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,16 @@ class ModelConfig:
     in_channels: int = 1
 
     def __post_init__(self) -> None:
+        # Ranges first: a config also arrives from files (TOML, weights metadata), and a huge width or window from a
+        # hostile file must end in one line, not in an allocation of terabytes.
+        for name, low, high in (("channels", 1, MAX_CHANNELS), ("heads", 1, MAX_CHANNELS), ("window", 1, MAX_WINDOW),
+                                ("expansion", 1, 16), ("groups", 1, MAX_CHANNELS), ("attn_block", 1, 1024),
+                                ("in_channels", 1, 4)):
+            _check_range(self, name, low, high)
+        _check_number(self, "dropout")
+        for name in ("post_norm", "weight_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.channels % self.heads:
             raise ConfigError(f"channels ({self.channels}) must be divisible by heads ({self.heads})")
         if self.channels % self.groups or (self.channels * self.expansion) % self.groups:
@@ -116,6 +146,10 @@ class SolverConfig:
     damping: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_range(self, "max_iter", 1, MAX_ITER)
+        _check_range(self, "memory", 1, MAX_ITER)
+        for name in ("tol", "ridge", "damping"):
+            _check_number(self, name)
         if self.name not in SOLVER_NAMES:
             raise ConfigError(f"unknown solver {self.name!r}: choose {', '.join(SOLVER_NAMES)}")
         if self.max_iter < 1:

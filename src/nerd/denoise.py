@@ -231,6 +231,9 @@ def _denoise_gray(
             f"the model produced NaN/inf pixels (solver: {summary.nfe} iterations, "
             f"rel residual {summary.rel_residual:.1e}); no output written"
         )
+    if not all(s.all_finite for s in every):  # the solver stepped back to a finite iterate: not an equilibrium
+        raise DenoiseError(f"the solver met NaN/inf values in the model's state after up to {summary.nfe} "
+                           "iterations (damaged weights?); no output written")
     return x_hat.astype(np.float32, copy=False), summary
 
 

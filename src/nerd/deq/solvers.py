@@ -38,6 +38,8 @@ class SolverStats:
         rel_residual: (B,) ||f(z) - z|| / ||f(z)|| at the returned z.
         trace: (B, K) relative residual after each of the K f-evaluations of the run; NaN once a sample stopped.
         converged: (B,) bool, rel_residual < tol.
+        finite: (B,) bool, every f-evaluation of the sample was finite (None: not recorded, taken as all finite).
+            A sample that met NaN/inf stops on its best finite iterate, which may be far from an equilibrium.
     """
 
     nfe: Tensor
@@ -45,6 +47,11 @@ class SolverStats:
     rel_residual: Tensor
     trace: Tensor
     converged: Tensor
+    finite: Tensor | None = None
+
+    @property
+    def all_finite(self) -> bool:
+        return self.finite is None or bool(self.finite.all())
 
     @property
     def all_converged(self) -> bool:
@@ -80,6 +87,7 @@ class _Tracker:
         self.best_rel = z.new_full((b,), float("inf"), dtype=torch.float32)
         self.active = torch.ones(b, dtype=torch.bool, device=z.device)
         self.nfe = torch.zeros(b, dtype=torch.int64, device=z.device)
+        self.finite = torch.ones(b, dtype=torch.bool, device=z.device)
         self.trace = z.new_full((b, max_iter), float("nan"), dtype=torch.float32)
         self.k = 0
 
@@ -93,6 +101,7 @@ class _Tracker:
         abs_res = abs_res.float()
         was_active = self.active.clone()
         self.nfe += was_active.long()
+        self.finite &= finite | ~was_active
         self.trace[:, self.k] = torch.where(was_active, rel_res, torch.full_like(rel_res, float("nan")))
         self.k += 1
         better = was_active & finite & (rel_res < self.best_rel)
@@ -112,6 +121,7 @@ class _Tracker:
             rel_residual=torch.nan_to_num(self.best_rel, nan=float("inf")),
             trace=self.trace[:, : self.k],
             converged=self.best_rel < self.tol,
+            finite=self.finite,
         )
         return self.best_z.reshape(shape), stats
 

@@ -26,6 +26,7 @@ from nerd.errors import WeightsError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent
 FORMAT = "nerd-2"  # nerd-1 files (checksum over the tensors only) still load
+METADATA_KEYS = {"format", "model", "solver", "sigma", "scores", "train", "sha256"}
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor], header: str = "") -> str:
@@ -116,7 +117,46 @@ def read_metadata(name_or_path: str | os.PathLike[str]) -> dict[str, str]:
         raise WeightsError(f"cannot read weights {path}: {err}") from None
     if meta.get("format") not in (FORMAT, "nerd-1"):
         raise WeightsError(f"{path} is not a nerd weights file (format {meta.get('format')!r})")
+    unknown = sorted(set(meta) - METADATA_KEYS)
+    missing = sorted({"model", "solver", "sigma", "sha256"} - set(meta))
+    if unknown or missing:
+        what = [f"unknown keys {unknown}"] * bool(unknown) + [f"missing keys {missing}"] * bool(missing)
+        raise WeightsError(f"{path}: metadata with {' and '.join(what)}")
     return meta
+
+
+def _decoded(path: Path, meta: dict[str, str]) -> tuple[Any, Any, float, dict[str, Any], dict[str, Any]]:
+    """(ModelConfig, SolverConfig, sigma255, scores, train) from a file's metadata, each checked like a user's
+    input: the checksum proves integrity, not intent (anyone can recompute it), so every value is validated."""
+    from nerd.config import model_config_from_json, solver_config_from_json
+    from nerd.sigma import check_sigma255
+
+    try:
+        model_cfg = model_config_from_json(meta["model"])
+        solver_cfg = solver_config_from_json(meta["solver"])
+        sigma255 = check_sigma255(meta["sigma"], "sigma")
+        scores, train = json.loads(meta.get("scores", "{}")), json.loads(meta.get("train", "{}"))
+    except (ValueError, TypeError, AttributeError) as err:  # JSON, ConfigError (a ValueError), wrong JSON types
+        raise WeightsError(f"{path}: bad metadata: {' '.join(str(err).split())}") from None
+    if not isinstance(scores, dict) or not isinstance(train, dict):
+        raise WeightsError(f"{path}: bad metadata: scores and train must be JSON objects")
+    return model_cfg, solver_cfg, sigma255, scores, train
+
+
+def _check_tensors(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """WeightsError unless `tensors` has exactly the model's keys and shapes, all finite (a single NaN weight
+    denoises to almost the noisy input without any other sign)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise WeightsError(f"{path}: tensors do not match the model in its metadata ({len(missing)} missing, e.g. "
+                           f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise WeightsError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, the model needs {shape}")
+        if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
+            bad = int((~torch.isfinite(tensors[key])).sum())
+            raise WeightsError(f"{path}: tensor {key} has {bad} non-finite value(s); these weights cannot denoise")
 
 
 def load_weights(name_or_path: str | os.PathLike[str], *, device: str | torch.device = "cpu"):
@@ -127,28 +167,25 @@ def load_weights(name_or_path: str | os.PathLike[str], *, device: str | torch.de
     """
     from safetensors.torch import load_file
 
-    from nerd.config import model_config_from_json, solver_config_from_json
     from nerd.models import DEQDenoiser
 
     path = resolve(name_or_path)
     meta = read_metadata(path)
+    model_cfg, solver_cfg, sigma255, scores, train = _decoded(path, meta)
     try:
         tensors = load_file(str(path))
     except Exception as err:
-        raise WeightsError(f"cannot read weights {path}: {err}") from None
+        raise WeightsError(f"cannot read weights {path}: {' '.join(str(err).split())}") from None
     header = "" if meta["format"] == "nerd-1" else _header(meta)
     if tensors_sha256(tensors, header) != meta.get("sha256"):
         raise WeightsError(
             f"checksum mismatch: {path} is corrupt (tensors or model metadata do not match the recorded sha256)"
         )
-    model = DEQDenoiser(model_config_from_json(meta["model"]), solver=solver_config_from_json(meta["solver"]))
+    model = DEQDenoiser(model_cfg, solver=solver_cfg)
+    _check_tensors(path, model, tensors)
     model.load_state_dict(tensors, strict=True)
     info: dict[str, Any] = {
-        "path": str(path),
-        "name": path.stem,
-        "sigma": float(meta["sigma"]),
-        "scores": json.loads(meta.get("scores", "{}")),
-        "train": json.loads(meta.get("train", "{}")),
+        "path": str(path), "name": path.stem, "sigma": sigma255, "scores": scores, "train": train,
         "sha256": meta["sha256"],
     }
     return model.to(device).eval(), info
