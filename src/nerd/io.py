@@ -228,12 +228,15 @@ def write_image(path: str | os.PathLike[str], x: np.ndarray, depth: int = 8) -> 
         raise ValueError("write_image expects a finite (H, W) array, or (H, W, 3) RGB at depth 8")
     im = Image.fromarray(to_pixels(x, depth))
     options = {"quality": 95} if fmt == "JPEG" else {}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             im.save(fh, format=fmt, **options)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a read-only or special folder: after a long solve, still one line
+        raise ImageError(f"{path}: cannot write: {err.strerror or err}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
