@@ -9,12 +9,16 @@ to [0, 1], PSNR and SSIM in float64 against x. A set's figure is the mean over i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,14 @@ from nerd.sigma import check_sigma255, to_unit
 
 Method = Denoiser | Callable[[Tensor, float], Tensor]
 SSIM_MIN_SIDE = 11  # Wang's Gaussian window: sigma 1.5 truncated at 3.5 sigma
+# What a row's numbers mean, written into every report and into the key of a partial file: rows measured under
+# another protocol (another noise draw, another metric) are never reused.
+PROTOCOL = ("x = pixel/255; y = x + sigma/255 * RandomState(0).randn(*x.shape) per image, not clipped; x_hat "
+            "clipped to [0,1]; PSNR float64; SSIM skimage gaussian_weights sigma 1.5 use_sample_covariance False")
+# Sane figures for a row read back from a file. PSNR of a [0, 1]-clipped estimate is >= 0 dB; 100 dB is an MSE of
+# 1e-10, which no estimate of a noisy image reaches (a freshly measured row above it -- sigma < 0.003 -- is still
+# reported, only never reused from a cache).
+PSNR_RANGE = (0.0, 100.0)
 
 
 @contextlib.contextmanager
@@ -118,14 +130,16 @@ class Report:
             "limit": self.limit,
             "means": self.means,
             "rows": [asdict(r) for r in self.rows],
+            # Detects a hand edit or damage of the rows (not a forger, who can recompute it): `nerd eval` leaves
+            # such a report out of its summary.
+            "rows_sha256": digest([asdict(r) for r in self.rows]),
             "meta": self.meta,
-            "protocol": "x = pixel/255; y = x + sigma/255 * RandomState(0).randn(*x.shape) per image, not "
-            "clipped; x_hat clipped to [0,1]; PSNR float64; SSIM skimage gaussian_weights sigma 1.5 "
-            "use_sample_covariance False",
+            "protocol": PROTOCOL,
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        """Strict JSON (no NaN/Infinity, which other readers reject); EvalError naming a non-finite entry."""
+        return strict_json(self.to_dict(), f"report of {self.method} on {self.set_name}", indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
@@ -215,26 +229,171 @@ def _partial_key(entries: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in entries.items() if k not in _NOT_IN_KEY}, sort_keys=True, default=str)
 
 
-def _read_partial(path: str | os.PathLike[str] | None, key: str) -> dict[str, Row]:
-    """The rows of a partial file written under the same `key` (empty if none, unreadable or another key)."""
-    if path is None or not Path(path).is_file():
-        return {}
+def digest(*parts: Any) -> str:
+    """sha256 (hex) of `parts` as canonical JSON (sorted keys, no spaces): the same for a row written and read back
+    (floats round-trip through JSON exactly), different after any edit of a figure or a name."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def strict_json(data: Any, what: str, **dumps: Any) -> str:
+    """`json.dumps(data, allow_nan=False)`: EvalError naming the first non-finite number (and where) instead."""
     try:
-        data = json.loads(Path(path).read_text())
-        if _partial_key(json.loads(data["key"])) != key:  # re-keyed: files written before "data" left the key
-            return {}
-        return {r["name"]: Row(**r) for r in data["rows"]}
-    except (ValueError, KeyError, TypeError):
-        return {}
+        return json.dumps(data, allow_nan=False, **dumps)
+    except ValueError:
+        raise EvalError(f"{what}: {_first_non_finite(data) or 'a number'} is not finite; nothing written") from None
+
+
+def _first_non_finite(data: Any, where: str = "") -> str | None:
+    """'where = value' of the first NaN/inf float in nested dicts and lists (None if there is none)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return f"{where or 'value'} = {data}"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list | tuple) else ()
+    for k, v in items:
+        found = _first_non_finite(v, f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` to `path` through a temporary file in its folder and `os.replace`: a kill mid-write leaves the
+    previous file (or none), never half of one. EvalError (one line) if the folder or the file cannot be written."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_file():
+            raise EvalError(f"{path}: a folder (or other non-file) is in the way of this report; move it away")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise EvalError(f"{path}: cannot write it ({err.strerror or err})") from None
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; a report gets the usual permissions
+        os.replace(tmp, path)
+    except OSError as err:
+        raise EvalError(f"{path}: cannot write it ({err.strerror or err})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _number(row: dict[str, Any], name: str, low: float, high: float, *, low_open: bool = False) -> str | None:
+    """Why `row[name]` is not a finite number in [low, high] ((low, high] with `low_open`), or None if it is."""
+    value = row.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{name} {value!r} is not a number"
+    if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+        return f"{name} {value!r} outside {'(' if low_open else '['}{low:g}, {high:g}]"
+    return None
+
+
+def check_row(row: Any, names: set[str] | None = None, solver: bool | None = None) -> Row | str:
+    """A row read back from a file (a partial file, an earlier report) as a `Row`, or why it cannot be trusted.
+
+    Args:
+        row: one entry of a file's "rows" (a dict with Row's fields, nothing else).
+        names: the set's image names (None: not checked).
+        solver: True if the method has an equilibrium solver (nfe, residual, converged are then required), False
+            if it has none (they must be null), None: either, but all three or none.
+
+    Returns:
+        The Row when every figure is sane (PSNR in (0, 100] dB, SSIM in [-1, 1], seconds >= 0, nfe an int >= 0,
+        residual >= 0, converged a bool), else a short reason ("01.png: psnr 99.9 outside ...").
+    """
+    if not isinstance(row, dict) or set(row) != {f.name for f in fields(Row)}:
+        return f"not a row ({sorted(row) if isinstance(row, dict) else type(row).__name__})"
+    name = row["name"]
+    if not isinstance(name, str) or (names is not None and name not in names):
+        return f"{name!r} is not an image of this set"
+    reasons = [_number(row, "psnr", *PSNR_RANGE, low_open=True), _number(row, "ssim", -1.0, 1.0),
+               _number(row, "seconds", 0.0, math.inf)]
+    stats = [row["nfe"], row["residual"], row["converged"]]
+    has = [v is not None for v in stats]
+    if any(has) and not all(has):
+        reasons.append("solver statistics incomplete")
+    elif solver is not None and any(has) != solver:
+        reasons.append("solver statistics missing" if solver else "solver statistics for a method without one")
+    elif all(has):
+        if isinstance(row["nfe"], bool) or not isinstance(row["nfe"], int) or row["nfe"] < 0:
+            reasons.append(f"nfe {row['nfe']!r} is not an int >= 0")
+        reasons.append(_number(row, "residual", 0.0, math.inf))
+        if not isinstance(row["converged"], bool):
+            reasons.append(f"converged {row['converged']!r} is not true/false")
+    reasons = [r for r in reasons if r]
+    if reasons:
+        return f"{name}: {', '.join(reasons)}"
+    return Row(name, float(row["psnr"]), float(row["ssim"]), float(row["seconds"]), row["nfe"],
+               None if row["residual"] is None else float(row["residual"]), row["converged"])
+
+
+def _read_partial(path: str | os.PathLike[str] | None, key: str, names: set[str], solver: bool
+                  ) -> tuple[dict[str, Row], str | None]:
+    """The trusted rows of a partial file, and a one-line note on what was not trusted (None if all was).
+
+    A row is reused only when the file was written under the same `key` (method, set, sigma, protocol, weights
+    checksum, solver, ...), its own checksum (`digest(key, row)`, written with it) matches -- an edited or damaged
+    row does not, even with figures in range (a PSNR edited to 99 dB) -- and it passes `check_row` against the
+    set's image `names`; every other image is measured again. A file that is not a partial file (garbage, other
+    types) is measured again from scratch.
+
+    Raises:
+        EvalError: a folder (or another non-file) is at `path`: the partial file could never be written there.
+    """
+    if path is None:
+        return {}, None
+    path = Path(path)
+    if not path.exists():
+        return {}, None
+    if not path.is_file():
+        raise EvalError(f"{path}: a folder (or other non-file) is in the way of the partial-results file; move it "
+                        "away")
+    try:
+        data = json.loads(path.read_text())
+        stored = json.loads(data["key"])
+        rows = data["rows"]
+        if not isinstance(stored, dict) or not isinstance(rows, list):
+            raise TypeError("key or rows of the wrong type")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        why = type(err).__name__ if isinstance(err, KeyError | OSError) else str(err).splitlines()[0][:80]
+        return {}, f"not a readable partial-results file ({why}); every image is measured from scratch"
+    if not rows:
+        return {}, None
+    if _partial_key(stored) != key:  # re-keyed too: files written before "data" left the key still match
+        ours = json.loads(key)
+        other = sorted(k for k in ours.keys() | stored.keys()
+                       if k not in _NOT_IN_KEY and json.dumps(ours.get(k), sort_keys=True, default=str)
+                       != json.dumps(stored.get(k), sort_keys=True, default=str))
+        return {}, (f"{len(rows)} cached rows failed checks and are recomputed (written under other settings: "
+                    f"{', '.join(other)})")
+    good: dict[str, Row] = {}
+    bad: list[str] = []
+    count = Counter(r.get("name") for r in rows if isinstance(r, dict) and isinstance(r.get("name"), str))
+    for r in rows:
+        name = r.get("name") if isinstance(r, dict) else None
+        stored_digest = r.pop("sha256", None) if isinstance(r, dict) else None
+        checked = check_row(r, names, solver)
+        if isinstance(checked, Row) and stored_digest != digest(key, r):
+            checked = f"{name}: edited or damaged (its checksum does not match)"
+        if isinstance(checked, Row) and count[checked.name] > 1:  # which of two rows is right? neither is trusted
+            checked = f"{name}: {count[checked.name]} rows for this image"
+        if isinstance(checked, Row):
+            good[checked.name] = checked
+        else:
+            bad.append(checked)
+    if not bad:
+        return good, None
+    more = f"; and {len(bad) - 2} more" if len(bad) > 2 else ""
+    return good, f"{len(bad)} cached rows failed checks and are recomputed ({'; '.join(bad[:2])}{more})"
 
 
 def _write_partial(path: str | os.PathLike[str], key: str, rows: list[Row]) -> None:
-    """Atomically (write + rename), so that a kill mid-write leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Atomically (write + rename), so that a kill mid-write leaves the previous file intact; strict JSON."""
+    text = strict_json({"key": key, "rows": [{**asdict(r), "sha256": digest(key, asdict(r))} for r in rows]},
+                       f"{path}", indent=1)
+    write_text_atomic(path, text + "\n")
 
 
 @ieee_fp32()
@@ -267,16 +426,18 @@ def evaluate(
         meta: extra entries for the report's `meta`.
         partial: a JSON file that keeps the finished images' rows, rewritten after every image, so that an
             interrupted run (a long set on a CPU) continues where it stopped: rows found there are reused when the
-            file was written by the same method, set, sigma, solver and `meta` (else it is ignored and
-            overwritten). The caller removes it once the report is saved.
+            file was written by the same method, set, sigma, protocol, solver and `meta` (weights checksum...) and
+            each passes `check_row` (an image of the set, finite figures in sane ranges); every other image is
+            measured again, and a one-line note on stderr says how many cached rows were not trusted. The caller
+            removes it once the report is saved.
         ensemble: 1 (default), 2, 4 or 8: x_hat is the mean of that many solves, each on one of the square's
             symmetries of y (`dihedral(y, k)`, k < ensemble) and turned back (the "x8" test mode of KAIR and
             SwinIR); recorded in `meta` when > 1. A NERD row then has the most f-evaluations and the largest
             residual of its solves, and is converged when every solve is; its seconds are all of them.
 
     Raises:
-        EvalError: sigma255 <= 0, no images, an image smaller than SSIM's 11 x 11 window, or ensemble not in
-            1, 2, 4, 8.
+        EvalError: sigma255 <= 0, no images, an image smaller than SSIM's 11 x 11 window, ensemble not in
+            1, 2, 4, 8, a non-finite figure for an image (NaN output), a folder at `partial`'s path.
     """
     from tqdm import tqdm
 
@@ -305,8 +466,12 @@ def evaluate(
     info.update(meta or {})
     if ensemble > 1:  # only then: the key of a single-solve run (and its partial file) stays what it was
         info["ensemble"] = ensemble
-    key = _partial_key({"method": name, "set": set_name, "sigma": float(sigma255), **info})
-    done = _read_partial(partial, key)
+    # The protocol is in the key (not in meta, whose entries a report prints): another noise draw or metric
+    # never reuses these rows.
+    key = _partial_key({"method": name, "set": set_name, "sigma": float(sigma255), "protocol": PROTOCOL, **info})
+    done, note = _read_partial(partial, key, {p.name for p in paths}, is_deq)
+    if note:
+        print(f"note: {partial}: {note}", file=sys.stderr)
     if partial is not None:
         # Provenance: these rows (their seconds too) come from an earlier, interrupted run.
         info["resumed_rows"] = sum(p.name in done for p in paths)
@@ -333,7 +498,13 @@ def evaluate(
             residual = max(float(s.rel_residual[0]) for s in solves)
             converged = all(bool(s.converged[0]) for s in solves)
         x_hat = np.clip(x_hat_t[0, 0].detach().double().cpu().numpy(), 0.0, 1.0)
-        rows.append(Row(path.name, psnr(x_hat, x), ssim(x_hat, x), seconds, nfe, residual, converged))
+        row = Row(path.name, psnr(x_hat, x), ssim(x_hat, x), seconds, nfe, residual, converged)
+        # A NaN output (a diverged solve, damaged weights) has no score; a mean over it would be one too. The rows
+        # measured so far stay in the partial file.
+        bad = [f"{k} {v}" for k, v in asdict(row).items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise EvalError(f"{path}: {name} gave a non-finite {', '.join(bad)} (NaN/inf output?); no report written")
+        rows.append(row)
         bar.set_postfix(psnr=f"{np.mean([r.psnr for r in rows]):.2f}")
         if partial is not None:
             done[path.name] = rows[-1]

@@ -7,6 +7,11 @@ this run's reports and those an earlier run left in ``<out>`` under the same tag
 so a BSD68 run after a Set12 one adds to its summary instead of replacing it. Prints the means.
 While a set runs, ``<out>/eval-<tag>-<set>-s<sigma>.json.partial`` keeps the finished images, so the same command
 after an interruption continues where it stopped (and removes the file when the set's report is written).
+
+Files read back are not trusted: a cached row is reused only when it was written under this run's key (method,
+set, sigma, protocol, weights checksum, solver) and its figures are sane (`nerd.evaluate.check_row`); other images
+are measured again, with a one-line note. An earlier report that fails the same checks is left out of the summary,
+with a note. Every file is written atomically (temporary file + os.replace) as strict JSON (no NaN/Infinity).
 """
 
 from __future__ import annotations
@@ -103,9 +108,11 @@ def _report_name(tag: str, set_name: str, sigma255: float) -> str:
 def _with_earlier(out: Path, reports: list, tags: dict[float, str]) -> list:
     """This run's reports, then the reports in `out` of the same tag and sigma for other sets (a nerd report only
     when its weights checksum is this run's: a file since replaced is not summarised beside the new one)."""
+    import dataclasses
     import json
+    import sys
 
-    from nerd.evaluate import Report
+    from nerd.evaluate import Report, Row, check_row, digest
 
     done = {(r.set_name, r.sigma255) for r in reports}
     sha = {r.sigma255: r.meta.get("sha256") for r in reports}
@@ -117,11 +124,24 @@ def _with_earlier(out: Path, reports: list, tags: dict[float, str]) -> list:
             if "-" in set_name or (set_name, sigma255) in done:
                 continue  # another tag's report (its tag goes on, e.g. "-first3-Set12"), or one this run rewrote
             try:
-                old = Report.from_dict(json.loads(path.read_text()))
-            except (ValueError, KeyError, TypeError):
+                data = json.loads(path.read_text())
+                old = Report.from_dict(data)
+                meta_ok = isinstance(old.meta, dict)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # not a report of this tool's format: it is not summarised
-            if old.meta.get("sha256") == sha.get(sigma255):
-                earlier.append(old)
+            if not meta_ok or old.meta.get("sha256") != sha.get(sigma255):
+                continue
+            # Edited or damaged figures (99 dB, NaN) must not reach the summary beside this run's.
+            # Reports written before rows_sha256 existed (results/eval) carry none: their ranges are still checked.
+            checked = [check_row(r) for r in data["rows"]]
+            bad = [c for c in checked if not isinstance(c, Row)]
+            if "rows_sha256" in data and data["rows_sha256"] != digest(data["rows"]):
+                bad.insert(0, "rows edited or damaged: their checksum does not match")
+            if bad or not checked or old.sigma255 != sigma255:
+                why = bad[0] if bad else "no rows" if not checked else f"sigma {old.sigma255}"
+                print(f"nerd eval: note: {path} failed checks ({why}); left out of the summary", file=sys.stderr)
+                continue
+            earlier.append(dataclasses.replace(old, rows=checked))
     return reports + earlier
 
 
@@ -131,13 +151,23 @@ def run(args: argparse.Namespace) -> int:
 
     from nerd import allocator
     from nerd.cli import UserError, check_device
-    from nerd.evaluate import Noisy, default_data_root, evaluate, resolve_sets, summary_markdown
+    from nerd.errors import EvalError
+    from nerd.evaluate import (
+        Noisy,
+        default_data_root,
+        evaluate,
+        resolve_sets,
+        summary_markdown,
+        write_text_atomic,
+    )
 
     _check(args)
     check_device(args.device)
     data_root = Path(args.data) if args.data else default_data_root()
     sets = resolve_sets(data_root, args.sets)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} is a file; give a folder for the reports")
 
     def load(sigma255: float):
         """(method, weights name or None, meta, solver override) for one noise level."""
@@ -171,13 +201,22 @@ def run(args: argparse.Namespace) -> int:
         return model, info["name"], meta, solver
 
     loaded = {sigma255: load(sigma255) for sigma255 in args.sigma}  # fail fast, before any long run
+    # One summary per tag; the weights name joins the tag only when all levels used the same file.
+    names = {loaded[s][1] or "" for s in args.sigma}
+    summary = out / f"eval-{_tag(args, names.pop() if len(names) == 1 else None)}.md"
+    targets = [summary]
+    for sigma255 in args.sigma:
+        for set_name in sets:
+            report_path = out / _report_name(_tag(args, loaded[sigma255][1]), set_name, sigma255)
+            targets += [report_path, report_path.with_name(report_path.name + ".partial")]
+    for target in targets:  # a folder where a report goes would fail only after the long run
+        if target.exists() and not target.is_file():
+            raise EvalError(f"{target}: a folder (or other non-file) is in the way of this report; move it away")
     reports = []
-    names: set[str] = set()
     head = f"{'set':<16} {'sigma':>5} {'images':>6} {'PSNR':>8} {'SSIM':>7} {'s/image':>8} {'nfe':>6}"
     print(head, flush=True)
     for sigma255 in args.sigma:
         method, weights_name, meta, solver = loaded[sigma255]
-        names.add(weights_name or "")
         for set_name, images in sets.items():
             path = out / _report_name(_tag(args, weights_name), set_name, sigma255)
             # per-image progress, a rerun continues from it; not *.json, so that no reader of results takes it for one
@@ -190,19 +229,15 @@ def run(args: argparse.Namespace) -> int:
                 print(f"nerd eval: {report.meta['resumed_rows']} image(s) reused from {partial} "
                       "(an interrupted run)", file=sys.stderr)
             reports.append(report)
-            out.mkdir(parents=True, exist_ok=True)
-            path.write_text(report.to_json() + "\n")
+            write_text_atomic(path, report.to_json() + "\n")  # strict JSON: EvalError on a non-finite figure
             partial.unlink(missing_ok=True)
             m = report.means
             nfe = f"{m['nfe']:.1f}" if m["nfe"] is not None else "-"
             print(f"{set_name:<16} {sigma255:>5g} {len(report.rows):>6} {m['psnr']:>8.3f} {m['ssim']:>7.4f} "
                   f"{m['seconds']:>8.2f} {nfe:>6}", flush=True)
-    # One summary per tag; the weights name joins the tag only when all levels used the same file.
-    summary_name = names.pop() if len(names) == 1 else None
-    summary = out / f"eval-{_tag(args, summary_name)}.md"
     reports = _with_earlier(out, reports, {s: _tag(args, loaded[s][1]) for s in args.sigma})
     header = f"# nerd eval --method {args.method}\n\ndata: {os.fspath(data_root)}\n\n"
     details = "\n".join(r.to_markdown() for r in reports)
-    summary.write_text(header + summary_markdown(reports) + "\n" + details)
+    write_text_atomic(summary, header + summary_markdown(reports) + "\n" + details)
     print(f"wrote {summary} and {len(reports)} JSON report(s) in {out}")
     return 0
