@@ -8,7 +8,7 @@ iterations); its wall time, user and kernel CPU time and peak resident size come
 PSNR and f-evaluations from the report it writes. The variants must give the same PSNR (the allocator changes no
 arithmetic) and their reports must record the malloc setting asked for; the script stops if not. Inherited malloc
 settings (NERD_MALLOC, LD_PRELOAD, glibc's variables) are cleared, so that each variant sets only its own. Writes
-results/bench/malloc-ab.json, which `python tools/readme.py` renders into the README.
+results/bench/malloc-ab.json, which `python tools/readme.py` renders into docs/performance.md.
 """
 
 from __future__ import annotations

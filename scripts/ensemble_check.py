@@ -7,7 +7,7 @@ validation draws it, from RandomState(i) for image i, though the runs validate o
 weights of each sigma with their solver. Each image is solved once on each of the square's 8 symmetries
 (`nerd.data.patches.dihedral`) and turned back; the result for N is the mean of the first N, which is what
 `denoise_image(..., ensemble=N)` computes (tests/test_denoise.py checks that), and its time is the sum of those N
-solves. Writes results/bench/ensemble.json, which `python tools/readme.py` renders into the README.
+solves. Writes results/bench/ensemble.json, which `python tools/readme.py` renders into docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 # (NERD on Urban100 takes 1 to 4 minutes an image on a 2-core CPU, 2 to 7 hours a sigma; not measured on a GPU yet).
 #
 # `nerd eval` scores in IEEE float32 on a GPU too (TF32 off), under the one protocol, so the figures stand beside the
-# CPU's; the README marks their seconds "(GPU)". Reports go straight into $OUT: a call stopped at its limit still
+# CPU's; the results table marks their seconds "(GPU)". Reports go straight into $OUT: a call stopped at its limit still
 # returns the finished images (the .partial file, rewritten after every image), and the same command continues it
 # (the script first copies the matching partial files of results/eval into $OUT). A set begun on one machine can be
 # finished on another with the same settings: `nerd eval --method nerd --sets Urban100 --sigma 25` here (no

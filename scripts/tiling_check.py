@@ -7,7 +7,7 @@ Each (image, tile) is one process (the `nerd` command's allocator setting, the s
 own. Reports PSNR and SSIM against the clean image, the difference from the whole-image solve, the solver's
 seconds and the peak memory of the solve (the peak resident size above the process's size before it, which is
 what the memory available has to hold), beside `nerd.tiling.solve_bytes`' estimate (what `nerd denoise --tile
-auto` decides with). Writes results/bench/tiling.json, which `python tools/readme.py` renders into the README.
+auto` decides with). Writes results/bench/tiling.json, which `python tools/readme.py` renders into docs/performance.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ and trimming on free, so freed memory stays in the heap and is reused; CUDA memo
 made (glibc still mmaps blocks above 64 MiB that other threads ask for). Between images, `release()` hands the
 free heap back to the kernel, so that a process that has denoised a large image does not hold its memory after.
 
-Measured side by side in `scripts/ab_malloc.py` (results/bench/malloc-ab.json, rendered into the README): kernel
+Measured side by side in `scripts/ab_malloc.py` (results/bench/malloc-ab.json, in docs/performance.md): kernel
 time and wall time per image, and the price, a higher peak resident size (freed memory is kept, and the heap
 fragments). Set `NERD_MALLOC=system` to keep glibc's defaults. Nothing is changed either when a malloc library is
 preloaded (tcmalloc, jemalloc, mimalloc: LD_PRELOAD names it) or when the user set glibc's own malloc variables.

@@ -6,7 +6,7 @@ solver's history (Broyden keeps 2 state-sized vectors per secant pair, up to `me
 48-channel weights and 16 pairs that is about 12 KB a pixel: 8 GB for a 1024x644 Urban100 image, about 70 GB for a
 12-megapixel photo even with the history capped (`fit_memory`). Tiles bound it: each tile is solved on its own and
 the tiles are blended with linear ramps where they overlap. The price: GroupNorm's statistics and the attention see
-one tile, not the whole image, so the result differs slightly from a whole-image solve (measured in the README,
+one tile, not the whole image, so the result differs slightly from a whole-image solve (measured in docs/performance.md,
 *Large images: tiles*).
 """
 
@@ -26,7 +26,7 @@ import torch
 MAPS_PER_PIXEL = 28.0  # f-evaluation intermediates and the solver's few current vectors
 # Measured peaks per pixel run higher on large images and on tiles solved one after the other (the heap keeps
 # some fragments from tile to tile): without this factor the estimate was 5 % above the peak of a whole 256x256
-# image, 8 % below a whole 1024x644 one and 15 % below 363x338 tiles of it. The README's *Large images: tiles*
+# image, 8 % below a whole 1024x644 one and 15 % below 363x338 tiles of it. docs/performance.md, *Large images: tiles*,
 # sets each estimate beside the measured peak.
 SAFETY = 1.25
 FIXED_BYTES = 256 * 2**20

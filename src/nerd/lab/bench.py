@@ -1,7 +1,7 @@
 """`nerd bench`: NERD's speed, memory and solver figures next to DnCNN-S and BM3D, measured side by side.
 
 Benchmarks are not tests: `run_bench` measures, prints readable tables and writes ``bench-<device>[-quick].json``
-(plus ``solvers-<device>[-quick].png``), from which `markdown_tables` renders the README's speed tables.
+(plus ``solvers-<device>[-quick].png``), from which `markdown_tables` renders the speed tables of docs/performance.md.
 
 Sections of one run (all on one machine, in one process, so ratios are taken side by side):
 

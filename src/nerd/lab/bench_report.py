@@ -1,6 +1,7 @@
-"""Rendering of `nerd bench` results: the project's performance targets, the README tables and the solver plot.
+"""Rendering of `nerd bench` results: the project's performance targets, the docs' speed tables and the solver plot.
 
-Split from `nerd.lab.bench` so that the README generator can render a results file without the measuring code.
+Split from `nerd.lab.bench` so that the docs generator (tools/readme.py) can render a results file without the
+measuring code.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def _render_meta(res: dict[str, Any]) -> str:
 
 
 def markdown_tables(json_path: str | os.PathLike[str], link_dir: str | None = None, level: int = 3) -> str:
-    """The README's speed tables (every measured section and the target status) from a bench results JSON.
+    """The speed tables of docs/performance.md (every measured section and the target status) from a bench results JSON.
 
     Args:
         link_dir: where the document that shows the tables finds the JSON's folder (for the solver plot's link);

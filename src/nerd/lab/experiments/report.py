@@ -1,5 +1,5 @@
 """Writing an experiment's results: ``<out>/<name>.json`` (everything), ``.md`` (paper next to ours, verdict) and
-``.png`` (its figure); `markdown_summary` renders every finished experiment of a folder for the README."""
+``.png`` (its figure); `markdown_summary` renders every finished experiment of a folder for docs/experiments.md."""
 
 from __future__ import annotations
 
