@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nerd.checkpoint import atomic_save, load_plain
 from nerd.data.patches import load_folder, validation_pairs
 from nerd.evaluate import default_data_root
 from nerd.metrics import psnr
-from nerd.train import atomic_save
 from nerd.weights import load_weights, save_weights
 
 
@@ -42,6 +42,14 @@ def design(phi: torch.Tensor) -> torch.Tensor:
     """(H*W, 9C + 1) float64 rows: the 3x3 zero-padded neighbourhoods of phi (conv2d's weight order) and a 1."""
     cols = F.unfold(phi.double(), 3, padding=1)[0].T  # (HW, C*9), index c*9 + ky*3 + kx as in weight.view(1, -1)
     return torch.cat([cols, cols.new_ones(cols.shape[0], 1)], 1)
+
+
+def _is_state(state: object, n: int) -> bool:
+    """`state` is an accumulator this script wrote for a (n, n) system: the fields it reads, with their types."""
+    return (isinstance(state, dict) and isinstance(state.get("weights"), str)
+            and all(isinstance(state.get(k), int) for k in ("done", "pixels"))
+            and isinstance(state.get("A"), torch.Tensor) and state["A"].shape == (n, n)
+            and isinstance(state.get("b"), torch.Tensor) and state["b"].shape == (n,))
 
 
 def main() -> None:
@@ -65,7 +73,9 @@ def main() -> None:
     state = {"weights": info["sha256"], "done": 0, "A": torch.zeros(n, n, dtype=torch.float64),
              "b": torch.zeros(n, dtype=torch.float64), "pixels": 0}
     if state_path.exists():
-        state = torch.load(state_path)
+        state = load_plain(state_path, "refit state")  # tensors and plain values only: runs no code from the file
+        if not _is_state(state, n):
+            raise SystemExit(f"{state_path} is not a refit state of this model; remove it or pass another --state")
         if state["weights"] != info["sha256"]:
             raise SystemExit(f"{state_path} was accumulated for other weights; remove it or pass another --state")
     print(f"{info['name']} ({info['sha256'][:12]}), sigma {args.sigma:g}: {state['done']} of {len(train)} images "

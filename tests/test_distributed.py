@@ -9,6 +9,7 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
+from nerd.checkpoint import load_checkpoint
 from nerd.train import train
 from tests.test_train import tiny_config
 
@@ -44,8 +45,8 @@ def test_two_gloo_ranks_match_one_process(image_folder, tmp_path):
             if attempt == 2 or "address already in use" not in str(err).lower():
                 raise
             shutil.rmtree(tmp_path / "ddp", ignore_errors=True)
-    a = torch.load(single / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["model"]
+    a = load_checkpoint(single / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "ddp" / "last.pt")["model"]
     assert a.keys() == b.keys()
     for k in a:
         x, y = b[k], a[k]

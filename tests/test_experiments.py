@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from nerd.checkpoint import load_checkpoint
 from nerd.cli import main
 from nerd.lab.experiments import EXPERIMENTS, Context, ExperimentError, markdown_summary, run_experiment
 from nerd.lab.experiments.core import BUDGETS, base_config, train_run
@@ -167,7 +168,7 @@ def test_unfinished_run_resumes_and_finished_run_is_reused(ctx, monkeypatch):
     run_dir = ctx.out / "equilibrium" / "runs" / "smoke-noise-s25"
     train(cfg, out=run_dir, stop_after=1, progress=False)
     run = train_run(ctx, "equilibrium", "noise-s25", cfg)
-    assert torch.load(run.dir / "last.pt", weights_only=False)["step"] == cfg.train.steps
+    assert load_checkpoint(run.dir / "last.pt")["step"] == cfg.train.steps
     assert [int(r["step"]) for r in run.curve()] == [1, 2, 3]
 
     def no_training(*_a, **_k):
@@ -226,7 +227,7 @@ def test_a_run_is_scored_with_its_best_weights_not_its_last(ctx, monkeypatch):
     run = train_run(ctx, "blocks", "nl", cfg)
     first = run.curve()[0]["step"]
     assert calls["n"] >= 2 and run.summary()["best_val"]["step"] == first
-    last = torch.load(run.dir / "last.pt", map_location="cpu", weights_only=False)
+    last = load_checkpoint(run.dir / "last.pt")
     assert last["step"] > first
     model = create_model(cfg.model)
     model.load_state_dict(last["model"])

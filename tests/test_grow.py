@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from nerd.checkpoint import load_checkpoint
 from nerd.config import SolverConfig
 from nerd.models import DEQDenoiser
 from nerd.models.grow import hidden_index, widen_hidden
@@ -91,11 +92,11 @@ def test_a_stage_can_start_wider_than_its_checkpoint(image_folder, tmp_path):
     cfg = replace(cfg, model=replace(cfg.model, expansion=cfg.model.expansion * 2),
                   train=replace(cfg.train, init=str(first / "last.pt"), val_every=1))
     wide = train(cfg, out=tmp_path / "wide", progress=False)
-    new = torch.load(wide / "last.pt", weights_only=False)
+    new = load_checkpoint(wide / "last.pt")
     start, end = (float(r["val_psnr"]) for r in csv.DictReader(open(wide / "val.csv")))  # steps 0 and 1
     narrow_end = float(list(csv.DictReader(open(first / "val.csv")))[-1]["val_psnr"])
     assert abs(start - narrow_end) < 0.02  # a stage validates its init first; widening kept the function
-    old = torch.load(first / "last.pt", weights_only=False)
+    old = load_checkpoint(first / "last.pt")
     assert new["model"]["layer.conv1.bias"].shape[0] == 2 * old["model"]["layer.conv1.bias"].shape[0]
     beta2 = cfg.train.betas[1]
     old_sq = {_name(old, i): s["exp_avg_sq"] for i, s in old["optimizer"]["state"].items()}
@@ -131,5 +132,5 @@ def test_a_widened_stage_resumes_without_widening_or_validating_its_init_again(i
     train(cfg, out=tmp_path / "wide", progress=False, resume=True)
     steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "wide" / "val.csv"))]
     assert steps == [0, 1, 2, 3]
-    wide = torch.load(tmp_path / "wide" / "last.pt", weights_only=False)
+    wide = load_checkpoint(tmp_path / "wide" / "last.pt")
     assert wide["model"]["layer.conv1.bias"].shape[0] == cfg.model.channels * cfg.model.expansion  # widened once

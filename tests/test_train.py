@@ -8,8 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from nerd.checkpoint import load_checkpoint
 from nerd.config import Config, GradConfig, SolverConfig, TrainConfig, load_config
 from nerd.data.patches import PatchSampler, dihedral, undo_dihedral
+from nerd.errors import TrainError
 from nerd.models import preset_config
 from nerd.train import NonFiniteLoss, lr_at, train
 from nerd.weights import load_weights
@@ -46,7 +48,7 @@ def test_run_writes_logs_checkpoint_best_weights(image_folder, tmp_path):
     assert main(["export", str(run), "--last", "--out", str(tmp_path / "last.safetensors")]) == 0
     exported, exported_info = load_weights(tmp_path / "best.safetensors")
     last = load_weights(tmp_path / "last.safetensors")[0].state_dict()
-    ckpt = torch.load(run / "last.pt", weights_only=False)["model"]
+    ckpt = load_checkpoint(run / "last.pt")["model"]
     assert exported_info["scores"] == info["scores"] and exported_info["sigma"] == 25
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in exported.state_dict().items())
     assert all(torch.equal(last[k], ckpt[k]) for k in ckpt)
@@ -65,10 +67,10 @@ def test_resume_reproduces_uninterrupted_run(image_folder, tmp_path):
     cfg = tiny_config(image_folder, steps=6, dropout=0.2)  # dropout: the global RNG state must be restored too
     full = train(cfg, out=tmp_path / "full", progress=False)
     part = train(cfg, out=tmp_path / "part", stop_after=3, progress=False)
-    assert torch.load(part / "last.pt", weights_only=False)["step"] == 3
+    assert load_checkpoint(part / "last.pt")["step"] == 3
     train(cfg, out=tmp_path / "part", resume=True, progress=False)
-    a = torch.load(full / "last.pt", weights_only=False)
-    b = torch.load(part / "last.pt", weights_only=False)
+    a = load_checkpoint(full / "last.pt")
+    b = load_checkpoint(part / "last.pt")
     assert a["step"] == b["step"] == 6
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
@@ -107,17 +109,17 @@ def test_a_run_killed_between_checkpoints_resumes_without_duplicate_rows(image_f
     assert [int(r["step"]) for r in csv.DictReader(open(part / "log.csv"))] == [1, 2, 3, 4, 5, 6]
     assert [int(r["step"]) for r in csv.DictReader(open(part / "val.csv"))] == [2, 4, 6]
     assert same_columns(full, part)
-    a = torch.load(full / "last.pt", weights_only=False)["model"]
-    b = torch.load(part / "last.pt", weights_only=False)["model"]
+    a = load_checkpoint(full / "last.pt")["model"]
+    b = load_checkpoint(part / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_stage_started_from_a_checkpoint_carries_its_adam_moments(image_folder, tmp_path):
     first = train(tiny_config(image_folder, steps=3), out=tmp_path / "first", progress=False)
-    old = torch.load(first / "last.pt", weights_only=False)
+    old = load_checkpoint(first / "last.pt")
     cfg = tiny_config(image_folder, steps=1)
     cfg = replace(cfg, train=replace(cfg.train, init=str(first / "last.pt"), weight_decay=0.123, val_every=0))
-    new = torch.load(train(cfg, out=tmp_path / "second", progress=False) / "last.pt", weights_only=False)
+    new = load_checkpoint(train(cfg, out=tmp_path / "second", progress=False) / "last.pt")
     assert new["step"] == 1  # a new stage: its own step count and schedule
     groups = new["optimizer"]["param_groups"]
     assert {g["weight_decay"] for g in groups} == {0.123, 0.0}  # this stage's hyper-parameters, not the first's
@@ -144,11 +146,11 @@ def test_moving_average_of_the_weights_is_kept_validated_exported_and_resumed(im
     raw = []  # w_1 .. w_4 of the run without an average, one step at a time
     for k in range(1, 5):
         train(plain, out=tmp_path / "plain", resume=k > 1, stop_after=k, progress=False)
-        raw.append(torch.load(tmp_path / "plain" / "last.pt", weights_only=False)["model"])
+        raw.append(load_checkpoint(tmp_path / "plain" / "last.pt")["model"])
     train(averaged, out=tmp_path / "part", stop_after=2, progress=False)
     run = train(averaged, out=tmp_path / "part", resume=True, progress=False)
-    ckpt = torch.load(run / "last.pt", weights_only=False)
-    from nerd.train import kept_weights
+    ckpt = load_checkpoint(run / "last.pt")
+    from nerd.checkpoint import kept_weights
 
     ema = kept_weights(ckpt)
     for name, w4 in raw[-1].items():
@@ -177,7 +179,7 @@ def test_moving_average_of_the_weights_is_kept_validated_exported_and_resumed(im
 def test_existing_run_needs_resume(image_folder, tmp_path):
     cfg = tiny_config(image_folder, steps=2)
     train(cfg, out=tmp_path / "r", progress=False)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(TrainError, match="already holds a run"):
         train(cfg, out=tmp_path / "r", progress=False)
 
 
@@ -194,7 +196,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_
     monkeypatch.setattr("nerd.train.F.mse_loss", poisoned)
     with pytest.raises(NonFiniteLoss):
         train(cfg, out=tmp_path / "nan", progress=False)
-    ckpt = torch.load(tmp_path / "nan" / "last.pt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "nan" / "last.pt")
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -325,7 +327,7 @@ def test_sigterm_checkpoints_and_stops(image_folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr("nerd.train.F.mse_loss", loss_then_signal)
     run = train(cfg, out=tmp_path / "sig", progress=False)
-    assert torch.load(run / "last.pt", weights_only=False)["step"] == 3
+    assert load_checkpoint(run / "last.pt")["step"] == 3
 
 
 def test_train_kill_resume_export_then_denoise_with_the_weights(image_folder, tmp_path, capsys):
@@ -341,7 +343,7 @@ def test_train_kill_resume_export_then_denoise_with_the_weights(image_folder, tm
     assert main(["train", "--config", str(cfg), "--out", str(run), "--stop-after", "2", "--no-progress"]) == 0
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 2  # exists: needs --resume
     assert main(["train", "--config", str(cfg), "--out", str(run), "--resume", "--no-progress"]) == 0
-    assert torch.load(run / "last.pt", weights_only=False)["step"] == 4
+    assert load_checkpoint(run / "last.pt")["step"] == 4
     weights = tmp_path / "w.safetensors"
     assert main(["export", str(run), "--out", str(weights)]) == 0
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -20,13 +20,11 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    import torch
-
+    from nerd.checkpoint import kept_weights, load_checkpoint, restore
     from nerd.cli import UserError
     from nerd.config import config_from_dict, config_to_dict
     from nerd.models import DEQDenoiser
-    from nerd.train import kept_weights
-    from nerd.weights import WeightsError, load_weights, save_weights
+    from nerd.weights import load_weights, save_weights
 
     src = Path(args.run)
     from_pt = src.suffix == ".pt"  # a checkpoint by any name (e.g. from git history): that one, as with --last
@@ -41,20 +39,17 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"cannot read scores {args.scores}: {err}") from None
     best = run_dir / "best.safetensors"
     if not (args.last or from_pt) and best.exists():
-        try:
-            model, info = load_weights(best)
-        except WeightsError as err:
-            raise UserError(str(err)) from None
+        model, info = load_weights(best)
         scores, train_meta, sigma = {**info["scores"], **extra}, info["train"], info["sigma"]
     else:
         ckpt_path = src if from_pt else run_dir / "last.pt"
         if not ckpt_path.exists():
             raise UserError(f"checkpoint not found: {ckpt_path}" if from_pt
                             else f"no best.safetensors or last.pt in {run_dir}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)  # runs no code from the file; WeightsError for a damaged one
         cfg = config_from_dict(ckpt["config"])
         model = DEQDenoiser(cfg.model, solver=cfg.solver, grad=cfg.grad)
-        model.load_state_dict(kept_weights(ckpt))  # the moving average, where the run kept one
+        restore(model, kept_weights(ckpt), ckpt_path, "model")  # the moving average, where the run kept one
         # the run's best validation figure belongs to best.safetensors, not to these last weights
         scores = {"run_best_val_psnr": round(ckpt["best_val"], 4), "last_step": ckpt["step"], **extra}
         run = src.stem if from_pt and src.name != "last.pt" else run_dir.name  # s25d.pt: "s25d", not its folder

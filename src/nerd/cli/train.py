@@ -24,28 +24,23 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nerd.cli import UserError, check_device
-    from nerd.config import load_config
-    from nerd.train import NonFiniteLoss, resolved_config, train
+    from nerd.train import load_recipe, train
 
     if args.resume and (args.steps is not None or args.data is not None):
         raise UserError("--resume continues a run with the config saved in it; --steps/--data cannot change it")
     path = Path(args.config)
     if not path.is_file():
         raise UserError(f"config not found: {path}")
-    try:
-        cfg = resolved_config(load_config(path), data=args.data, steps=args.steps)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"bad config {path}: {err}") from None
+    cfg = load_recipe(path, data=args.data, steps=args.steps)  # ConfigError, one line naming the file
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     if args.device is not None:
         check_device(args.device)
-    try:
-        run_dir = train(cfg, out=out, resume=args.resume, device=args.device, stop_after=args.stop_after,
-                        max_minutes=args.max_minutes, max_cpu_minutes=args.max_cpu_minutes,
-                        progress=not args.no_progress)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        raise UserError(str(err)) from None
-    except NonFiniteLoss as err:
-        raise UserError(f"training stopped: {err}") from None
-    print(f"run folder: {run_dir} (last.pt resumable, best.safetensors, log.csv, val.csv, curve.png)")
+    # TrainError, WeightsError, NonFiniteLoss ...: all NerdError, reported in one line by `nerd.cli.main`
+    run_dir = train(cfg, out=out, resume=args.resume, device=args.device, stop_after=args.stop_after,
+                    max_minutes=args.max_minutes, max_cpu_minutes=args.max_cpu_minutes,
+                    progress=not args.no_progress)
+    # only what is there: a run stopped early may not have validated (best.safetensors, val.csv) or logged yet
+    names = ("last.pt", "best.safetensors", "log.csv", "val.csv", "curve.png")
+    present = [name + (" resumable" if name == "last.pt" else "") for name in names if (run_dir / name).is_file()]
+    print(f"run folder: {run_dir} ({', '.join(present) or 'no files yet'})")
     return 0

@@ -30,9 +30,10 @@ def run(args: argparse.Namespace) -> int:
 
     from nerd.cli import UserError, check_device, check_sigma
     from nerd.data.patches import load_folder, validation_pairs
+    from nerd.errors import NerdError
     from nerd.evaluate import default_data_root
     from nerd.train import validate
-    from nerd.weights import WeightsError, load_weights
+    from nerd.weights import load_weights
 
     check_device(args.device)
     if args.sigma is not None:
@@ -42,14 +43,16 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.data) if args.data else default_data_root() / "Train400"
     if not folder.is_dir():
         raise UserError(f"training folder not found: {folder} (pass --data or set NERD_DATA)")
-    _, val_images, val_paths = load_folder(folder, args.val_images)
+    try:
+        _, val_images, val_paths = load_folder(folder, args.val_images)
+    except NerdError:  # an unreadable image: one line naming it already
+        raise
+    except ValueError as err:  # fewer images than --val-images holds out
+        raise UserError(str(err)) from None
     device = torch.device(args.device)
     rows, pairs_by_sigma = [], {}
     for name in args.weights:
-        try:
-            model, info = load_weights(name, device=device)
-        except (WeightsError, FileNotFoundError) as err:
-            raise UserError(str(err)) from None
+        model, info = load_weights(name, device=device)  # WeightsError: one line from `nerd.cli.main`
         sigma = args.sigma if args.sigma is not None else float(info["sigma"])
         if sigma not in pairs_by_sigma:
             pairs_by_sigma[sigma] = validation_pairs(val_images, sigma, args.val_crop)
