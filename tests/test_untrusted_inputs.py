@@ -177,3 +177,169 @@ def test_report_files_are_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(EvalError, match="No space left"):
         nerd.evaluate.write_text_atomic(target, "new\n")
     assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["r.json"]
+
+
+# --- nerd denoise: alpha kept, --gray --sigma converted, every bad input named
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from nerd.models import create_model
+    from nerd.weights import save_weights
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    save_weights(create_model("tiny"), path, sigma255=25)
+    return path
+
+
+def _noisy_pixels(seed: int, channels: int = 0) -> np.ndarray:
+    """uint8 (H, W) or (H, W, channels): a ramp plus noise."""
+    rng = np.random.RandomState(seed)
+    shape = (H, W, channels) if channels else (H, W)
+    ramp = 128 + 40 * np.sin(np.arange(W) / 4)[None, :, None] if channels else 128 + 40 * np.sin(np.arange(W) / 4)
+    return np.clip(ramp + 25 * rng.randn(*shape), 0, 255).astype(np.uint8)
+
+
+def _alpha() -> np.ndarray:
+    """uint8 (H, W) alpha with every kind of pixel: transparent, partly and fully opaque."""
+    return (np.arange(H * W).reshape(H, W) * 7 % 256).astype(np.uint8)
+
+
+def _denoised(weights: Path, y: np.ndarray, sigma255: float = 25.0) -> np.ndarray:
+    """What the library makes of y ((H, W) or (H, W, 3) on [0, 1]) with 2 iterations, as 8-bit pixels."""
+    from dataclasses import replace
+
+    from nerd.denoise import denoise_image
+    from nerd.io import to_pixels
+    from nerd.weights import load_weights
+
+    model, _ = load_weights(weights)
+    x_hat, _ = denoise_image(model, y, sigma255, solver=replace(model.solver, max_iter=2), device="cpu")
+    return to_pixels(x_hat, 8)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_gray_with_alpha_keeps_its_alpha(capsys, tmp_path, weights, suffix):
+    """LA in, LA out: the alpha bytes unchanged, the gray channel denoised (as the library denoises it alone)."""
+    gray, alpha = _noisy_pixels(0), _alpha()
+    Image.fromarray(np.dstack([gray, alpha])).save(tmp_path / f"la{suffix}")
+    rc, _, err = _cli(capsys, "denoise", tmp_path / f"la{suffix}", "-o", tmp_path / f"o{suffix}", "--weights",
+                      weights, "--iters", 2)
+    assert rc == 0, err
+    with Image.open(tmp_path / f"o{suffix}") as im:
+        assert im.mode == "LA" and im.size == (W, H)
+        out = np.asarray(im)
+    assert np.array_equal(out[..., 1], alpha)
+    assert np.array_equal(out[..., 0], _denoised(weights, gray / np.float32(255))) and not np.array_equal(
+        out[..., 0], gray)
+
+
+def test_rgba_keeps_its_alpha_with_colour_and_with_gray(capsys, tmp_path, weights):
+    """RGBA --colour: RGBA out (each channel denoised, alpha unchanged); RGBA --gray: luminance + the same alpha."""
+    rgb, alpha = _noisy_pixels(1, 3), _alpha()
+    Image.fromarray(np.dstack([rgb, alpha])).save(tmp_path / "c.png")
+    base = ["denoise", tmp_path / "c.png", "--weights", weights, "--iters", 2, "--sigma", 25]
+    rc, _, err = _cli(capsys, *base, "--colour", "-o", tmp_path / "colour.png")
+    assert rc == 0, err  # transparent pixels were refused before: the output could not keep them
+    with Image.open(tmp_path / "colour.png") as im:
+        assert im.mode == "RGBA"
+        out = np.asarray(im)
+    assert np.array_equal(out[..., 3], alpha)
+    assert np.array_equal(out[..., :3], _denoised(weights, rgb / np.float32(255)))
+    rc, _, err = _cli(capsys, *base, "--gray", "-o", tmp_path / "gray.tif")
+    assert rc == 0, err
+    with Image.open(tmp_path / "gray.tif") as im:
+        assert im.mode == "LA" and np.array_equal(np.asarray(im)[..., 1], alpha)
+
+
+def test_a_palette_colour_key_is_kept_as_alpha(capsys, tmp_path, weights):
+    gray = _noisy_pixels(2)
+    key = int(gray[0, 0])
+    Image.fromarray(gray).save(tmp_path / "key.png", transparency=key)  # PNG tRNS: pixels of this value are clear
+    rc, _, err = _cli(capsys, "denoise", tmp_path / "key.png", "-o", tmp_path / "o.png", "--weights", weights,
+                      "--iters", 2)
+    assert rc == 0, err
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.mode == "LA" and np.array_equal(np.asarray(im)[..., 1], np.where(gray == key, 0, 255))
+
+
+def test_alpha_into_a_format_without_it_is_refused_or_noted(capsys, tmp_path, weights):
+    """JPEG (and BMP) hold no alpha: transparent pixels are refused (nothing written), an opaque alpha is dropped
+    with a note."""
+    gray = _noisy_pixels(3)
+    Image.fromarray(np.dstack([gray, _alpha()])).save(tmp_path / "clear.png")
+    Image.fromarray(np.dstack([gray, np.full((H, W), 255, np.uint8)])).save(tmp_path / "opaque.png")
+    w = ["--weights", weights, "--iters", 2]
+    rc, _, err = _cli(capsys, "denoise", tmp_path / "clear.png", "-o", tmp_path / "o.jpg", *w)
+    assert rc == 2 and err.count("\n") == 1 and "transparent pixels" in err and ".png or .tif" in err, err
+    assert not (tmp_path / "o.jpg").exists()
+    rc, _, err = _cli(capsys, "denoise", tmp_path / "opaque.png", "-o", tmp_path / "o.bmp", *w)
+    assert rc == 0 and "alpha channel (fully opaque) is dropped" in err, err
+    with Image.open(tmp_path / "o.bmp") as im:
+        assert im.mode == "L"
+
+
+def test_gray_sigma_on_a_colour_image_is_converted_to_the_luminance(capsys, tmp_path, weights, monkeypatch):
+    """--gray --sigma 25 on a colour photo: the luminance has noise 25 * sqrt(.299^2 + .587^2 + .114^2) = 16.7, and
+    that is what reaches the model (and picks the shipped weights); a gray input keeps its sigma."""
+    import nerd.denoise
+    import nerd.weights
+    from nerd.models import create_model
+    from nerd.weights import save_weights
+
+    seen: list[float] = []
+    real = nerd.denoise.denoise_image
+
+    def spy(model: Any, y: np.ndarray, sigma255: float, **kwargs: Any) -> Any:
+        seen.append(sigma255)
+        return real(model, y, sigma255, **kwargs)
+
+    monkeypatch.setattr(nerd.denoise, "denoise_image", spy)
+    Image.fromarray(_noisy_pixels(4, 3)).save(tmp_path / "colour.png")
+    Image.fromarray(_noisy_pixels(5)).save(tmp_path / "gray.png")
+    Image.fromarray(np.dstack([_noisy_pixels(5)] * 3)).save(tmp_path / "gray-as-rgb.png")
+    luma = 25 * math.sqrt(0.299**2 + 0.587**2 + 0.114**2)
+    base = ["denoise", "--weights", weights, "--iters", 1, "--sigma", 25, "--gray"]
+    rc, _, err = _cli(capsys, *base, tmp_path / "colour.png", "-o", tmp_path / "o.png")
+    assert rc == 0 and seen == [pytest.approx(luma)], (seen, err)
+    assert "sigma 25 per RGB channel -> 16.7 in the luminance" in err, err
+    for name in ("gray.png", "gray-as-rgb.png"):
+        seen.clear()
+        rc, _, err = _cli(capsys, *base, tmp_path / name, "-o", tmp_path / "o.png")
+        assert rc == 0 and "luminance" not in err and seen == [25.0], err
+
+    # without --weights the luminance's sigma picks the shipped weights: 16.7 is nearer 15 than 25
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(nerd.weights, "WEIGHTS_DIR", shipped)
+    for s in (15, 25):
+        save_weights(create_model("tiny"), shipped / f"nerd-s{s}.safetensors", sigma255=s)
+    seen.clear()
+    rc, _, err = _cli(capsys, "denoise", tmp_path / "colour.png", "-o", tmp_path / "o.png", "--sigma", 25, "--gray",
+                      "--iters", 1)
+    assert rc == 0 and "nerd-s15 (trained for sigma 15)" in err and seen == [pytest.approx(luma)], err
+
+
+def test_every_unusable_input_of_a_batch_is_named_in_one_line(capsys, tmp_path, weights):
+    """A folder with three bad files (and a good one): all three named in one line, exit 2, nothing written."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_noisy_pixels(6)).save(folder / "good.png")
+    (folder / "a.png").write_text("not an image\n")
+    nan = np.full((H, W), 0.5, np.float32)
+    nan[2, 3] = np.nan
+    Image.fromarray(nan).save(folder / "b.tif")
+    (folder / "c.png").write_bytes((folder / "good.png").read_bytes()[:60])
+    rc, out, err = _cli(capsys, "denoise", folder, "-o", tmp_path / "out", "--weights", weights, "--iters", 1)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "3 unusable inputs" in err and "good.png" not in err
+    for name, why in (("a.png", "not an image"), ("b.tif", "NaN"), ("c.png", "truncated")):
+        assert f"{folder / name} (" in err and why in err, err
+    assert not (tmp_path / "out").exists()
+
+    # several files given, two of them missing: both named
+    rc, _, err = _cli(capsys, "denoise", folder / "good.png", tmp_path / "x.png", tmp_path / "y.png", "-o",
+                      tmp_path / "out", "--weights", weights)
+    assert rc == 2 and "2 unusable inputs" in err and "x.png" in err and "y.png" in err, err
+    assert not (tmp_path / "out").exists()

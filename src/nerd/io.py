@@ -5,12 +5,17 @@ Scales: 8-bit pixels are divided by 255, 16-bit pixels by 65535; 32-bit float im
 already lie in [0, 1]. `read_image` reports the bit depth (8, 16 or 32 for float) so `write_image` can write
 the result back at the same depth. Every problem with a file raises `ImageError` with a one-line message that
 starts with the file's path. Writes are atomic: a temporary file in the target folder, then `os.replace`.
+
+`read_picture` also returns an image's alpha channel (8-bit, as stored) so that `write_image` can put it back
+unchanged; `read_image` drops it (and, for colour, refuses transparent pixels).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,36 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
 # Bit depths each output format can hold (32: float32).
 DEPTHS = {"PNG": (8, 16), "TIFF": (8, 16, 32), "JPEG": (8,), "BMP": (8,)}
+# Output formats that hold an alpha channel (Pillow writes BMP without it, JPEG has none).
+ALPHA_FORMATS = ("PNG", "TIFF")
+# ITU-R 601 luma, what Pillow's convert("L") computes: Y = 0.299 R + 0.587 G + 0.114 B.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# Independent noise of std sigma in each of R, G, B has std sigma * sqrt(sum of squared weights) in Y (about 0.669).
+LUMA_NOISE_GAIN = math.sqrt(sum(w * w for w in LUMA_WEIGHTS))
+
+
+def luma_sigma255(sigma255: float) -> float:
+    """The noise std of a colour image's luminance (ITU-R 601) when each RGB channel has std `sigma255`
+    (independent): sigma255 * 0.669 (25 -> 16.7). Same scale in and out (0-255)."""
+    return float(sigma255) * LUMA_NOISE_GAIN
+
+
+@dataclass
+class Picture:
+    """An image as read for denoising.
+
+    Attributes:
+        x: float32 (H, W) gray, or (H, W, 3) RGB, on [0, 1].
+        depth: 8, 16 or 32 (float32): the depth to write the result at.
+        alpha: the alpha channel as stored, uint8 (H, W) (a palette's or a colour key's transparency as 0/255);
+            None when the image has none.
+        luma: x is the luminance of a colour image (read with `gray`), not a gray image's own pixels.
+    """
+
+    x: np.ndarray
+    depth: int
+    alpha: np.ndarray | None = None
+    luma: bool = False
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
@@ -62,7 +97,8 @@ def _reduced_to_8_bits(im, path: Path) -> bool:  # noqa: ANN001 -- an open PIL i
 
 
 def read_image(path: str | os.PathLike[str], *, gray: bool = False, colour: bool = False) -> tuple[np.ndarray, int]:
-    """Read one image as grayscale (or, with `colour`, a colour image as its RGB channels).
+    """Read one image as grayscale (or, with `colour`, a colour image as its RGB channels); any alpha is dropped
+    (`read_picture` keeps it).
 
     Args:
         path: the file.
@@ -81,9 +117,26 @@ def read_image(path: str | os.PathLike[str], *, gray: bool = False, colour: bool
             `colour`), a 16-bit colour or alpha PNG/TIFF (without `gray`), transparent pixels (with `colour`),
             non-finite or out-of-range pixels, unsupported pixel format.
     """
+    picture = _read(Path(path), gray, colour, keep_alpha=False)
+    return picture.x, picture.depth
+
+
+def read_picture(path: str | os.PathLike[str], *, gray: bool = False, colour: bool = False) -> Picture:
+    """`read_image`, keeping the alpha channel (transparent pixels are not refused with `colour`) and saying whether
+    x is a colour image's luminance.
+
+    Returns:
+        Picture: x float32 (H, W) or (H, W, 3) on [0, 1], depth, alpha uint8 (H, W) or None, luma.
+
+    Raises:
+        ImageError: as `read_image`, but for transparent pixels.
+    """
+    return _read(Path(path), gray, colour, keep_alpha=True)
+
+
+def _read(path: Path, gray: bool, colour: bool, keep_alpha: bool) -> Picture:
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if not path.is_file():
@@ -104,7 +157,10 @@ def read_image(path: str | os.PathLike[str], *, gray: bool = False, colour: bool
                     "--gray for its 8-bit luminance"
                 )
             im = _upright(im)
-            return _decode(im, path, gray, colour)
+            x, depth, luma = _decode(im, path, gray, colour, keep_alpha)
+            # 16-bit and float images have no alpha here (Pillow opens 16-bit alpha PNG/TIFF at 8 bits, refused above)
+            alpha = _alpha(im) if keep_alpha and depth == 8 else None
+            return Picture(x, depth, alpha, luma)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -130,15 +186,27 @@ def _upright(im):  # noqa: ANN001, ANN202 -- a loaded PIL image
         return ImageOps.exif_transpose(im) if turned else im
 
 
-def _decode(im, path: Path, gray: bool, colour: bool) -> tuple[np.ndarray, int]:  # noqa: ANN001 -- a PIL image
+def _alpha(im) -> np.ndarray | None:  # noqa: ANN001 -- a loaded PIL image
+    """The alpha channel as uint8 (H, W), or None. A palette's or colour key's transparency (PNG tRNS) counts: its
+    pixels become 0, the others 255 (after denoising, the key colour would no longer mark them)."""
+    if im.mode in ("LA", "PA", "RGBA"):  # stored as a channel
+        return np.asarray(im.getchannel("A")).copy()
+    if im.mode in ("La", "RGBa") or "transparency" in im.info:
+        return np.asarray(im.convert("RGBA").getchannel("A")).copy()
+    return None
+
+
+def _decode(im, path: Path, gray: bool, colour: bool, keep_alpha: bool = False  # noqa: ANN001 -- a PIL image
+            ) -> tuple[np.ndarray, int, bool]:
+    """(x, depth, luma): the pixels on [0, 1], their depth, and whether x is the luminance of a colour image."""
     mode = im.mode
     if mode.startswith("I;16"):
-        return (np.asarray(im, dtype=np.float64) / 65535.0).astype(np.float32), 16
+        return (np.asarray(im, dtype=np.float64) / 65535.0).astype(np.float32), 16, False
     if mode == "I":  # 32-bit integer: accepted when its values fit 16 bits (some 16-bit files open this way)
         arr = np.asarray(im, dtype=np.int64)
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
             raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535; convert it to 8 or 16 bits")
-        return (arr / 65535.0).astype(np.float32), 16
+        return (arr / 65535.0).astype(np.float32), 16, False
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         if not np.isfinite(arr).all():
@@ -147,16 +215,16 @@ def _decode(im, path: Path, gray: bool, colour: bool) -> tuple[np.ndarray, int]:
             raise ImageError(
                 f"{path}: float pixels outside [0, 1]; rescale to [0, 1] or convert to 8/16 bits"
             )
-        return arr.copy(), 32
+        return arr.copy(), 32, False
     if mode in ("L", "1", "LA", "La"):
-        return (np.asarray(im.getchannel(0).convert("L"), dtype=np.float32) / 255.0), 8
+        return (np.asarray(im.getchannel(0).convert("L"), dtype=np.float32) / 255.0), 8, False
     if mode in ("P", "PA", "RGB", "RGBA", "RGBX", "RGBa"):
         rgb = np.asarray(im.convert("RGB"))
         channel = _gray_channels(rgb)
         if channel is not None:
-            return channel.astype(np.float32) / 255.0, 8
+            return channel.astype(np.float32) / 255.0, 8, False
     if colour:
-        return _rgb(im, path), 8
+        return _rgb(im, path, keep_alpha), 8, False
     if not gray:
         raise ImageError(
             f"{path}: colour image (mode {mode}); NERD denoises grayscale: add --gray to use its luminance, or "
@@ -166,12 +234,13 @@ def _decode(im, path: Path, gray: bool, colour: bool) -> tuple[np.ndarray, int]:
         lum = im.convert("RGB").convert("L")
     except Exception as err:
         raise ImageError(f"{path}: cannot convert mode {mode} to gray ({err})") from None
-    return np.asarray(lum, dtype=np.float32) / 255.0, 8
+    return np.asarray(lum, dtype=np.float32) / 255.0, 8, True
 
 
-def _rgb(im, path: Path) -> np.ndarray:  # noqa: ANN001 -- a loaded PIL image
-    """A colour image as float32 (H, W, 3) RGB on [0, 1]; ImageError if it has transparent pixels."""
-    if "A" in im.mode or "a" in im.mode or "transparency" in im.info:
+def _rgb(im, path: Path, keep_alpha: bool = False) -> np.ndarray:  # noqa: ANN001 -- a loaded PIL image
+    """A colour image as float32 (H, W, 3) RGB on [0, 1]; ImageError if it has transparent pixels (unless the caller
+    keeps the alpha channel)."""
+    if not keep_alpha and ("A" in im.mode or "a" in im.mode or "transparency" in im.info):
         alpha = np.asarray(im.convert("RGBA"))[..., 3]
         if (alpha < 255).any():
             raise ImageError(f"{path}: transparent pixels; the output is RGB without alpha: flatten the image first")
@@ -214,9 +283,15 @@ def to_pixels(x: np.ndarray, depth: int) -> np.ndarray:
     raise ValueError(f"depth must be 8, 16 or 32, got {depth}")
 
 
-def write_image(path: str | os.PathLike[str], x: np.ndarray, depth: int = 8) -> None:
+def keeps_alpha(path: str | os.PathLike[str]) -> bool:
+    """Whether the format of `path` (by its suffix) holds an alpha channel: PNG and TIFF do, JPEG and BMP don't."""
+    return FORMATS.get(Path(path).suffix.lower()) in ALPHA_FORMATS
+
+
+def write_image(path: str | os.PathLike[str], x: np.ndarray, depth: int = 8, alpha: np.ndarray | None = None) -> None:
     """Write x: float (H, W) in [0, 1] as a grayscale image of `depth` bits, or (H, W, 3) as 8-bit RGB; format from
-    the suffix, atomic.
+    the suffix, atomic. With `alpha` (uint8 (H, W), as `read_picture` gives it) the image is written with that alpha
+    channel, unchanged: 8-bit gray + alpha (LA) or RGBA, PNG or TIFF only.
 
     Nothing is left at `path` (or beside it) if writing fails.
     """
@@ -226,7 +301,14 @@ def write_image(path: str | os.PathLike[str], x: np.ndarray, depth: int = 8) -> 
     fmt = output_format(path, depth)
     if not (x.ndim == 2 or (x.ndim == 3 and x.shape[2] == 3 and depth == 8)) or not np.isfinite(x).all():
         raise ValueError("write_image expects a finite (H, W) array, or (H, W, 3) RGB at depth 8")
-    im = Image.fromarray(to_pixels(x, depth))
+    pixels = to_pixels(x, depth)
+    if alpha is not None:
+        if depth != 8 or alpha.dtype != np.uint8 or alpha.shape != x.shape[:2]:
+            raise ValueError("write_image's alpha is uint8 (H, W) beside an 8-bit image of that size")
+        if fmt not in ALPHA_FORMATS:
+            raise ImageError(f"{path}: {fmt} cannot hold an alpha channel; use .png or .tif to keep it")
+        pixels = np.dstack([pixels, alpha])  # (H, W, 2): LA, (H, W, 4): RGBA
+    im = Image.fromarray(pixels)
     options = {"quality": 95} if fmt == "JPEG" else {}
     tmp = None
     try:

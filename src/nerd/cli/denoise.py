@@ -27,7 +27,11 @@ with --tile auto an image that would not fit is solved in tiles (said in its rep
 differs slightly from a whole-image solve (see the README, "Large images: tiles").
 colour images: refused unless --gray (their luminance, denoised) or --colour (each RGB channel denoised on its
 own by the grayscale model, assuming the same noise level in each; NERD itself is a grayscale denoiser).
-exit status 2 on bad input, with one line on stderr and no output written.
+With --gray, --sigma is the noise of each RGB channel and is converted to the luminance's
+(x 0.669, ITU-R 601 luma: sigma 25 -> 16.7, said in a note); a gray input is unchanged.
+alpha (LA, RGBA, transparent palette): kept unchanged beside the denoised gray or colour pixels in a .png or
+.tif output; a .jpg or .bmp output cannot hold it: refused if any pixel is transparent, else dropped with a note.
+exit status 2 on bad input, with one line on stderr naming every unusable input, and no output written.
 """
 
 
@@ -51,7 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--weights", metavar="NAME|PATH", help="shipped weights name (see `nerd info`) or a .safetensors"
     )
     p.add_argument(
-        "--gray", action="store_true", help="convert colour images to luminance instead of refusing"
+        "--gray", action="store_true",
+        help="convert colour images to luminance instead of refusing; --sigma then means each RGB channel's noise and "
+        "is converted to the luminance's (x 0.669)",
     )
     p.add_argument(
         "--colour", "--color", action="store_true",
@@ -90,13 +96,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @dataclass
 class Job:
-    """One image to denoise: where from, where to, its depth, sigma and weights name."""
+    """One image to denoise: where from, where to, its depth, sigma (0-255, as the model gets it) and weights name,
+    and whether its alpha channel is written back."""
 
     src: Path
     dst: Path
     depth: int = 8
     sigma: float = 0.0
     weights: str = ""
+    alpha: bool = False
+
+
+def _unusable(problems: list[tuple[Path, Exception]]) -> Exception:
+    """One error naming every unusable input: the error itself for one, else "N unusable inputs: a.png (reason);
+    b.tif (reason)" (each reason without the path its message starts with)."""
+    from nerd.errors import ImageError
+
+    if len(problems) == 1:
+        return problems[0][1]
+    parts = []
+    for src, err in problems:
+        reason = " ".join(str(err).split())
+        reason = reason[len(f"{src}: "):] if reason.startswith(f"{src}: ") else reason
+        parts.append(f"{src} ({reason})")
+    return ImageError(f"{len(problems)} unusable inputs: {'; '.join(parts)}")
 
 
 def _number(text: str | None, option: str, kind: type, low: float) -> Any:
@@ -178,17 +201,20 @@ def _inputs(args: argparse.Namespace) -> tuple[list[Path], bool]:
     if not args.noisy:
         raise UserError("give NOISY (an image file, several files or a folder), or --sample")
     files: list[Path] = []
+    problems: list[tuple[Path, Exception]] = []  # all of them in one line, not the first only
     for text in args.noisy:
         path = Path(text)
         if path.is_dir():
             found = list_images(path)
             if not found:
-                raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+                problems.append((path, UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")))
             files += found
         elif path.exists():
             files.append(path)
         else:
-            raise UserError(f"{path}: no such file or folder")
+            problems.append((path, UserError(f"{path}: no such file or folder")))
+    if problems:
+        raise _unusable(problems)
     return files, len(args.noisy) > 1 or Path(args.noisy[0]).is_dir()
 
 
@@ -299,13 +325,15 @@ def run(args: argparse.Namespace) -> int:
         describe,
         estimate_sigma255,
     )
-    from nerd.io import output_format, read_image, to_pixels, write_image
+    from nerd.errors import ImageError, NerdError
+    from nerd.io import keeps_alpha, luma_sigma255, output_format, read_image, read_picture, to_pixels, write_image
     from nerd.metrics import psnr as psnr_db
     from nerd.models.ensemble import check_ensemble
 
     if args.gray and args.colour:
         raise UserError("give --gray (luminance) or --colour (each RGB channel), not both")
     sigma = _parse_sigma(args.sigma)
+    per_channel = isinstance(sigma, float)  # a --sigma N: with --gray, each RGB channel's noise (converted below)
     iters = _number(args.iters, "--iters", int, 1)
     tol = _number(args.tol, "--tol", float, 0)
     tile_choice = _parse_tile(args.tile)
@@ -329,14 +357,29 @@ def run(args: argparse.Namespace) -> int:
 
     jobs, create = _plan(files, batch, args.output)
     cached: dict[Path, Any] = {}
+    problems: list[tuple[Path, Exception]] = []  # every unusable input, named together in one line
+    notes: list[str] = []  # printed once every input is known to be usable (a refusal stays one line on stderr)
     for job in jobs:  # validate every image (fully decoded) and its output format before writing anything
-        y, job.depth = read_image(job.src, gray=args.gray, colour=args.colour)
-        output_format(job.dst, job.depth)
-        if sigma == "auto":
-            try:
-                job.sigma = estimate_sigma255(y)
-            except ValueError as err:
-                raise UserError(f"{job.src}: --sigma auto: {err}") from None
+        try:
+            picture = read_picture(job.src, gray=args.gray, colour=args.colour)
+            job.depth = picture.depth
+            fmt = output_format(job.dst, job.depth)
+            if picture.alpha is not None:
+                job.alpha = keeps_alpha(job.dst)
+                if not job.alpha and (picture.alpha < 255).any():
+                    raise ImageError(f"{job.src}: transparent pixels, which {fmt} cannot hold; write .png or .tif "
+                                     "to keep its alpha channel, or flatten the image first")
+                if not job.alpha:
+                    notes.append(f"note: {job.src.name}: its alpha channel (fully opaque) is dropped: {fmt} has none")
+            if sigma == "auto":
+                try:
+                    job.sigma = estimate_sigma255(picture.x)
+                except ValueError as err:
+                    raise UserError(f"{job.src}: --sigma auto: {err}") from None
+        except NerdError as err:
+            problems.append((job.src, err))
+            continue
+        if sigma == "auto":  # measured on what the model sees (a colour image's luminance with --gray)
             job.weights = args.weights or _nearest_shipped(job.sigma)
             trained = models[job.weights][1]["sigma"] if args.weights else _shipped_sigmas()[job.weights]
             far = ""
@@ -346,15 +389,27 @@ def run(args: argparse.Namespace) -> int:
             say(f"{job.src.name}: estimated sigma {job.sigma:.1f}{flat} (0-255 scale) -> weights {job.weights}{far}")
         else:
             job.sigma = float(sigma)  # type: ignore[arg-type]
+            if picture.luma and per_channel:  # the luminance of a colour image has less noise than each channel
+                job.sigma = luma_sigma255(job.sigma)
+                line = f"note: --gray: sigma {sigma:g} per RGB channel -> {job.sigma:.1f} in the luminance"
+                notes += [line] if line not in notes else []
             job.weights = args.weights or _nearest_shipped(job.sigma)
         if len(jobs) == 1:
-            cached[job.src] = y
+            cached[job.src] = picture
+    if problems:
+        raise _unusable(problems)
+    if not args.quiet:
+        for line in notes:
+            print(line, file=sys.stderr)
     for name in dict.fromkeys(job.weights for job in jobs):  # load (and check) every weights file needed
         _, info = _load(name, device, models)
-        if isinstance(sigma, float) and abs(info["sigma"] - sigma) > 0.5 and not args.quiet:
-            why = "" if args.weights else f"no shipped weights were trained for sigma {sigma:g}, so "
-            print(f"note: {why}{name} (trained for sigma {info['sigma']:g}) denoises --sigma {sigma:g}",
-                  file=sys.stderr)
+        if not isinstance(sigma, float) or args.quiet:
+            continue
+        for level in sorted({job.sigma for job in jobs if job.weights == name}):
+            if abs(info["sigma"] - level) > 0.5:
+                what = f"--sigma {level:g}" if level == sigma else f"sigma {level:.1f} (the luminance's)"
+                why = "" if args.weights else f"no shipped weights were trained for {what.lstrip('-')}, so "
+                print(f"note: {why}{name} (trained for sigma {info['sigma']:g}) denoises {what}", file=sys.stderr)
     if create is not None:
         create.mkdir()
 
@@ -362,9 +417,8 @@ def run(args: argparse.Namespace) -> int:
     for job in bar:
         model, _ = models[job.weights]
         solver = model.solver.override(max_iter=iters, tol=tol)
-        y = cached.pop(job.src, None)
-        if y is None:
-            y, _ = read_image(job.src, gray=args.gray, colour=args.colour)
+        picture = cached.pop(job.src, None) or read_picture(job.src, gray=args.gray, colour=args.colour)
+        y = picture.x
         sigma_in = job.sigma if job.sigma > 0 else models[job.weights][1]["sigma"]
         tile, why = _tile_for(y.shape[:2], tile_choice, model, solver, device)
         if why:
@@ -376,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
             )
         except DenoiseError as err:
             raise UserError(f"{job.src}: {err}") from None
-        write_image(job.dst, x_hat, job.depth)
+        write_image(job.dst, x_hat, job.depth, alpha=picture.alpha if job.alpha else None)
         allocator.release()  # freed memory back to the kernel between images
         say(f"{job.src.name}: {describe(summary)} -> {job.dst}")
         if not summary.converged and args.quiet:
