@@ -24,7 +24,7 @@ its format follows the -o suffix (.png, .tif, .jpg, .bmp; 16-bit needs .png or .
 several inputs or a folder: -o is a folder (created if its parent exists), outputs keep the input names.
 large images: a whole-image solve needs about 12 KB a pixel with the shipped weights (8 GB for 1024x644);
 with --tile auto an image that would not fit is solved in tiles (said in its report line), whose result
-differs slightly from a whole-image solve (see the README, "Large images: tiles").
+differs slightly from a whole-image solve (docs/performance.md, "Large images: tiles").
 colour images: refused unless --gray (their luminance, denoised) or --colour (each RGB channel denoised on its
 own by the grayscale model, assuming the same noise level in each; NERD itself is a grayscale denoiser).
 With --gray, --sigma is the noise of each RGB channel and is converted to the luminance's
@@ -81,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         default="1",
         help="self-ensemble: the mean of N solves (1, 2, 4 or 8), each on a rotated/flipped copy and turned back; "
-        "N times the time, a little higher PSNR (README, 'Self-ensemble'); default 1",
+        "N times the time, a little higher PSNR (docs/evaluation.md, 'Self-ensemble'); default 1",
     )
     p.add_argument(
         "--sample", action="store_true", help="denoise the shipped sample image (sigma 25) and print PSNR"

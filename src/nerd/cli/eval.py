@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, metavar="DIR",
                    help="root of the set folders (default: $NERD_DATA, else ../shared/data)")
     p.add_argument("--out", default="results/eval", metavar="DIR",
-                   help="folder for the JSON and markdown reports (the README tables read results/eval)")
+                   help="folder for the JSON and markdown reports (the results tables read results/eval)")
     p.add_argument("--weights", default=None, metavar="NAME|PATH",
                    help="nerd weights: shipped name or .safetensors path (default: nerd-s<sigma> per sigma)")
     p.add_argument("--iters", type=int, default=None, metavar="N", help="nerd: solver max iterations")
@@ -49,14 +49,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="nerd: solver")
     p.add_argument("--compile", action="store_true",
                    help="nerd: torch.compile the implicit layer (pays on many same-size images: the first image of "
-                   "each size compiles, about 10-30 s on a CPU; see the README's performance notes)")
+                   "each size compiles, about 10-30 s on a CPU; see docs/performance.md)")
     p.add_argument("--anchors", default=None, metavar="DIR",
                    help="dncnn: folder of dncnn_sigma*.safetensors "
                    "(default: $NERD_ANCHORS, else ../shared/anchors)")
     p.add_argument("--ensemble", type=int, default=1, metavar="N",
                    help="self-ensemble: score the mean of N solves (1, 2, 4 or 8), each on a rotated/flipped copy "
                    "of the noisy image and turned back; N times the time; reported apart from the single-solve "
-                   "figures (its files' tag ends in xN; README, 'Self-ensemble'); default 1")
+                   "figures (its files' tag ends in xN; docs/evaluation.md, 'Self-ensemble'); default 1")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images of each set")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]", help="where nerd and dncnn run (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -156,7 +156,7 @@ def _check_tensors(path: Path, model: torch.nn.Module, tensors: dict[str, torch.
             raise WeightsError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, the model needs {shape}")
         if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
             bad = int((~torch.isfinite(tensors[key])).sum())
-            raise WeightsError(f"{path}: tensor {key} has {bad} non-finite value(s); these weights cannot denoise")
+            raise WeightsError(f"{path}: tensor {key} has {bad} NaN/inf value(s); these weights cannot denoise")
 
 
 def load_weights(name_or_path: str | os.PathLike[str], *, device: str | torch.device = "cpu"):
