@@ -193,6 +193,8 @@ def _denoise_gray(
                 def next_solve() -> None:
                     done[0] += 1
                     bar.update(done[0] * solver.max_iter - bar.n)  # a solve that stopped early: on to the next one
+                    if len(pieces) > 1:
+                        bar.set_description(f"tile {min(done[0] // ensemble + 1, len(pieces))}/{len(pieces)}")
                     if solves > 1:
                         allocator.release()  # else each solve fragments the heap further (peak +20 % tiled)
 

@@ -121,20 +121,24 @@ def read_image(path: str | os.PathLike[str], *, gray: bool = False, colour: bool
     return picture.x, picture.depth
 
 
-def read_picture(path: str | os.PathLike[str], *, gray: bool = False, colour: bool = False) -> Picture:
+def read_picture(path: str | os.PathLike[str], *, gray: bool = False, colour: bool = False,
+                 max_pixels: int = 0) -> Picture:
     """`read_image`, keeping the alpha channel (transparent pixels are not refused with `colour`) and saying whether
     x is a colour image's luminance.
 
     Returns:
         Picture: x float32 (H, W) or (H, W, 3) on [0, 1], depth, alpha uint8 (H, W) or None, luma.
 
+    `max_pixels` > 0 refuses, from the file's header and before decoding, an image of more pixels (a decompression
+    bomb: a 9000 x 9000 PNG can take 79 KB on disk and gigabytes in memory).
+
     Raises:
-        ImageError: as `read_image`, but for transparent pixels.
+        ImageError: as `read_image`, but for transparent pixels; more pixels than `max_pixels`.
     """
-    return _read(Path(path), gray, colour, keep_alpha=True)
+    return _read(Path(path), gray, colour, keep_alpha=True, max_pixels=max_pixels)
 
 
-def _read(path: Path, gray: bool, colour: bool, keep_alpha: bool) -> Picture:
+def _read(path: Path, gray: bool, colour: bool, keep_alpha: bool, max_pixels: int = 0) -> Picture:
     from PIL import Image, UnidentifiedImageError
 
     if not path.exists():
@@ -147,6 +151,10 @@ def _read(path: Path, gray: bool, colour: bool, keep_alpha: bool) -> Picture:
         with Image.open(path) as im:
             if getattr(im, "n_frames", 1) > 1:
                 raise ImageError(f"{path}: multi-page image ({im.n_frames} frames); give one image per file")
+            width, height = im.size
+            if max_pixels and width * height > max_pixels:
+                raise ImageError(f"{path}: {width}x{height} is {width * height / 1e6:.1f} megapixels, more than "
+                                 f"--max-pixels {max_pixels / 1e6:g} million; raise it (0: no limit) to denoise it")
             im.load()
             if gray and colour:
                 raise ImageError(f"{path}: gray and colour are exclusive: luminance, or each RGB channel")

@@ -207,3 +207,27 @@ def tiles(height: int, width: int, tile: int, overlap: int) -> list[tuple[slice,
             wc = ramp(tw, overlap, b > 0, b < len(cols) - 1)
             out.append((slice(i, i + th), slice(j, j + tw), wr[:, None] * wc[None, :]))
     return out
+
+
+def forecast_seconds(model: Any, pixels: int, solves: int, solver: Any, device: str | torch.device,
+                     probe: int = 96) -> float:
+    """Predicted seconds of `solves` solves of `pixels` pixels each, at most `solver.max_iter` f-evaluations: one
+    f-evaluation of the model's implicit layer timed on a probe x probe crop (after one warm-up), scaled by pixels.
+
+    The f-evaluation's cost is linear in the pixels (the attention window is fixed), so a small crop predicts a large
+    image to within its fixed overheads; a forecast, not a measurement.
+    """
+    import time
+
+    dev = torch.device(device)
+    c = model.cfg.channels
+    with torch.inference_mode():
+        z = torch.zeros(1, c, probe, probe, device=dev)
+        s = torch.randn(1, c, probe, probe, device=dev)
+        model.layer(z, s)  # warm-up: first-call allocations and kernel choices
+        start = time.perf_counter()
+        model.layer(z, s)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        per_pixel = (time.perf_counter() - start) / (probe * probe)
+    return per_pixel * pixels * solver.max_iter * solves

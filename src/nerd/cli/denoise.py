@@ -35,6 +35,11 @@ exit status 2 on bad input, with one line on stderr naming every unusable input,
 """
 
 
+DEFAULT_MAX_PIXELS = 50_000_000
+LONG_RUN_SECONDS = 60.0  # a run predicted to take longer says so, with its tiles, before it starts
+FORECAST_MIN_WORK = 2_000_000  # pixels x channels x iterations x symmetries below which no forecast is measured
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "denoise",
@@ -69,6 +74,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="solver relative-residual tolerance, >= 0 (0: always run --iters; overrides the weights' tol)",
     )
     p.add_argument("--device", metavar="cpu|cuda[:N]", help="default: cuda when available, else cpu")
+    p.add_argument(
+        "--max-pixels", metavar="N", default=str(DEFAULT_MAX_PIXELS),
+        help=f"refuse images of more than N pixels, read from the file's header before decoding (a decompression "
+             f"bomb); default {DEFAULT_MAX_PIXELS:,} (50 megapixels), 0: no limit",
+    )
     p.add_argument(
         "--tile",
         metavar="N|auto|off",
@@ -186,6 +196,36 @@ def _tile_for(shape: tuple[int, int], choice: int | str | None, model: Any, solv
     if not plan.fits:
         line += f"; even these need about {plan.tile_bytes / gib:.1f} GiB and may not fit"  # type: ignore[operator]
     return plan.tile, line
+
+
+def _forecast(shape: tuple[int, ...], tile: int | None, model: Any, solver: Any, ensemble: int, device: str) -> str:
+    """A line predicting a long run's time before it starts ('' for a short one): the f-evaluations it may take
+    times one f-evaluation's time, measured here on a small crop (`nerd.tiling.forecast_seconds`)."""
+    from nerd.tiling import OVERLAP, forecast_seconds, tiles
+
+    h, w = shape[:2]
+    channels = shape[2] if len(shape) == 3 else 1
+    if h * w * channels * solver.max_iter * ensemble < FORECAST_MIN_WORK:  # a few seconds: not worth measuring
+        return ""
+    pieces = tiles(h, w, tile, OVERLAP) if tile is not None and max(h, w) > tile else None
+    count = len(pieces) if pieces else 1
+    tile_pixels = pieces[0][2].numel() if pieces else h * w
+    seconds = forecast_seconds(model, tile_pixels, count * channels * ensemble, solver, device)
+    if seconds < LONG_RUN_SECONDS:
+        return ""
+    where = f"{count} tiles of {tile_pixels / 1e6:.2f} MP" if pieces else "the whole image"
+    solves = count * channels * ensemble
+    return (f"{w}x{h}: {solves} solve{'s' * (solves > 1)} ({where}{f' x {channels} channels' * (channels > 1)}"
+            f"{f' x {ensemble} symmetries' * (ensemble > 1)}) of up to {solver.max_iter} iterations: about "
+            f"{_duration(seconds)} on this machine")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _inputs(args: argparse.Namespace) -> tuple[list[Path], bool]:
@@ -339,6 +379,11 @@ def run(args: argparse.Namespace) -> int:
     tile_choice = _parse_tile(args.tile)
     ensemble = _number(args.ensemble, "--ensemble", int, 1)
     check_ensemble(ensemble, "--ensemble")
+    max_pixels = _number(args.max_pixels, "--max-pixels", int, 0)
+    if max_pixels == 0:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None  # no limit asked for: Pillow's own bomb check steps aside too
     device = check_device(args.device or default_device())
     files, batch = _inputs(args)  # the paths exist (images are decoded below, after the weights)
     if sigma is None and args.sample:
@@ -361,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []  # printed once every input is known to be usable (a refusal stays one line on stderr)
     for job in jobs:  # validate every image (fully decoded) and its output format before writing anything
         try:
-            picture = read_picture(job.src, gray=args.gray, colour=args.colour)
+            picture = read_picture(job.src, gray=args.gray, colour=args.colour, max_pixels=max_pixels)
             job.depth = picture.depth
             fmt = output_format(job.dst, job.depth)
             if picture.alpha is not None:
@@ -417,12 +462,17 @@ def run(args: argparse.Namespace) -> int:
     for job in bar:
         model, _ = models[job.weights]
         solver = model.solver.override(max_iter=iters, tol=tol)
-        picture = cached.pop(job.src, None) or read_picture(job.src, gray=args.gray, colour=args.colour)
+        picture = cached.pop(job.src, None) or read_picture(job.src, gray=args.gray, colour=args.colour,
+                                                            max_pixels=max_pixels)
         y = picture.x
         sigma_in = job.sigma if job.sigma > 0 else models[job.weights][1]["sigma"]
         tile, why = _tile_for(y.shape[:2], tile_choice, model, solver, device)
         if why:
             say(f"{job.src.name}: {why}")
+        if not args.quiet:
+            forecast = _forecast(y.shape, tile, model, solver, ensemble, device)
+            if forecast:
+                print(f"{job.src.name}: {forecast}", file=sys.stderr, flush=True)
         try:
             x_hat, summary = denoise_image(
                 model, y, min(sigma_in, 255.0), solver=solver, device=device, tile=tile,
