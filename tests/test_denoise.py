@@ -87,10 +87,16 @@ def test_no_progress_keeps_the_report_and_drops_the_bar(capsys, tmp_path, noisy,
 
 def test_report_line_tells_a_residual_just_above_tolerance_from_it():
     summary = DenoiseSummary(converged=False, rel_residual=1.04e-3, abs_residual=0.1, tol=1e-3, width=31, height=37,
-                             nfe=17, seconds=1.0)
-    assert "rel residual 1.04e-03 > tol 1e-03" in describe(summary)
-    assert "NOT converged" in describe(summary)
-    assert "NOT converged" not in describe(replace(summary, converged=True, rel_residual=9.9e-4))
+                             nfe=17, seconds=1.0, max_iter=17)
+    # at the budget, near an equilibrium: what stopped it, with no alarm
+    assert "stopped at the 17-iteration budget (rel residual 1.04e-03)" in describe(summary)
+    assert "NOT converged" not in describe(summary) and not summary.alarm
+    assert "converged (rel residual 9.90e-04)" in describe(replace(summary, converged=True, rel_residual=9.9e-4))
+    # far from one: the alarm, with the threshold told apart from a residual just above it
+    far = replace(summary, rel_residual=5.04e-2)
+    assert far.alarm and "NOT converged (rel residual 5.04e-02 > 5e-02" in describe(far)
+    tiled = replace(far, tiles=4, alarm_tiles=1, tile_shape=(20, 20), overlap=8)
+    assert "NOT converged in 1 of 4 tiles (largest rel residual 5.04e-02" in describe(tiled)
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])

@@ -483,7 +483,7 @@ def run(args: argparse.Namespace) -> int:
         write_image(job.dst, x_hat, job.depth, alpha=picture.alpha if job.alpha else None)
         allocator.release()  # freed memory back to the kernel between images
         say(f"{job.src.name}: {describe(summary)} -> {job.dst}")
-        if not summary.converged and args.quiet:
+        if summary.alarm and args.quiet:
             print(f"warning: {job.src.name}: solver {convergence(summary)}", file=sys.stderr)
         if args.sample:
             clean, _ = read_image(SAMPLE_CLEAN)
