@@ -629,6 +629,41 @@ def ensemble_table() -> str:
                      left=0, note=note)
 
 
+BUDGET_TOLERANCE_DB = 0.01  # a budget may cost at most this much validation PSNR against the full 17 iterations
+
+
+def chosen_budget(rows: list[dict]) -> int:
+    """The smallest cap N such that every cap from N on is within BUDGET_TOLERANCE_DB of the longest solve (a cap
+    that happens to land close but is followed by a worse one is not chosen)."""
+    ok = [abs(r["delta_db"]) <= BUDGET_TOLERANCE_DB for r in rows]
+    for i in range(len(rows)):
+        if all(ok[i:]):
+            return int(rows[i]["iters"])
+    return int(rows[-1]["iters"])
+
+
+def budget_table() -> str:
+    """results/budget/budget.json (`scripts/choose_budget.py`): validation PSNR against the solver's iteration cap,
+    per shipped file, and the budget each would take."""
+    path = RESULTS / "budget" / "budget.json"
+    if not path.is_file():
+        return "_not measured yet: `python scripts/choose_budget.py`_"
+    data = json.loads(path.read_text())
+    caps = [4, 5, 6, 7, 8, 10, 12, 17]
+    lines = [f"`python scripts/choose_budget.py` (torch {data['meta']['torch']}; {len(data['meta']['images'])} "
+             "held-out Train400 images, whole; change of the mean PSNR from the 17-iteration solve, dB):", "",
+             "| weights | σ | 17 iterations (dB) | " + " | ".join(f"N = {n}" for n in caps)
+             + f" | budget (≤ {BUDGET_TOLERANCE_DB} dB from N on) | rel residual max there |",
+             "| --- | ---: | ---: |" + " ---: |" * (len(caps) + 2)]
+    for res in data["results"]:
+        by_n = {r["iters"]: r for r in res["rows"]}
+        n = chosen_budget(res["rows"])
+        cells = [f"{by_n[c]['delta_db']:+.3f}" for c in caps]
+        lines.append(f"| {res['weights']} | {res['sigma']:g} | {by_n[17]['psnr']:.3f} | " + " | ".join(cells)
+                     + f" | {n} | {by_n[n]['rel_residual_max']:.1e} |")
+    return "\n".join(lines)
+
+
 # Each block's maker takes the folder of the page that shows it (for the links inside the block).
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "results": lambda base: results_table(),
@@ -645,6 +680,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "tiling": lambda base: tiling_table(),
     "ensemble": lambda base: ensemble_table(),
     "solver-stats": lambda base: solver_table(),
+    "budget": lambda base: budget_table(),
     "speed-now": lambda base: _optional("nerd.lab.bench_report", "markdown_tables", RESULTS / "bench" / "after-malloc"
                                         / "bench-cpu.json", _link(RESULTS / "bench" / "after-malloc", base), 3),
     "experiments": lambda base: _optional("nerd.lab.experiments", "markdown_summary", RESULTS / "experiments", base),
