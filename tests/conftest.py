@@ -63,6 +63,23 @@ def image_folder(tmp_path: Path) -> Path:
     """Six smooth-ish 8-bit grayscale PNGs of 48 x 40 pixels."""
     folder = tmp_path / "images"
     folder.mkdir()
+    return make_image_folder(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights file of the untrained tiny preset (seed 0) for sigma 25, shared by a module's tests."""
+    from nerd.models import create_model
+    from nerd.weights import save_weights
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    save_weights(create_model("tiny"), path, sigma255=25)
+    return path
+
+
+def make_image_folder(folder: Path) -> Path:
+    """Write the six 48 x 40 PNGs of `image_folder` into the existing `folder`."""
     r = np.random.RandomState(0)
     yy, xx = np.mgrid[0:48, 0:40]
     for i in range(6):

@@ -13,7 +13,6 @@ import signal
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,7 +23,7 @@ from nerd.errors import WeightsError
 from nerd.models import DEQDenoiser
 from nerd.train import train
 
-from .conftest import write_png
+from .conftest import make_image_folder
 from .test_train import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +42,7 @@ class _Marker:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six 48 x 40 grayscale PNGs (as conftest's image_folder, shared by this module's tests)."""
-    out = tmp_path_factory.mktemp("images")
-    r = np.random.RandomState(0)
-    yy, xx = np.mgrid[0:48, 0:40]
-    for i in range(6):
-        img = 0.5 + 0.3 * np.sin(xx / (3 + i)) * np.cos(yy / (4 + i)) + 0.05 * r.randn(48, 40)
-        write_png(out / f"im{i:02d}.png", (np.clip(img, 0, 1) * 255).round().astype(np.uint8))
-    return out
+    return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

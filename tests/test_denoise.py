@@ -21,11 +21,8 @@ H, W = 37, 31
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "w.safetensors"
-    save_weights(create_model("tiny"), path, sigma255=25)
-    return path
+def weights(tiny_weights: Path) -> Path:
+    return tiny_weights
 
 
 @pytest.fixture()

@@ -13,8 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nerd.cli import main
-from nerd.models import create_model
-from nerd.weights import _header, save_weights, tensors_sha256
+from nerd.weights import _header, tensors_sha256
 
 
 def forge(src: Path, dst: Path, tensors: dict | None = None, **meta_changes: str | None) -> Path:
@@ -35,11 +34,8 @@ def forge(src: Path, dst: Path, tensors: dict | None = None, **meta_changes: str
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "good.safetensors"
-    save_weights(create_model("tiny"), path, sigma255=25)
-    return path
+def good(tiny_weights: Path) -> Path:
+    return tiny_weights
 
 
 @pytest.fixture

@@ -81,7 +81,8 @@ def test_no_module_looks_for_the_repository_around_it():
 
 
 def test_import_nerd_and_the_cli_parser_are_cheap():
-    code = ("import sys, nerd, nerd.config, nerd.errors, nerd.sigma; from nerd.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'numpy', 'skimage', 'safetensors') if m in sys.modules))")
+    code = ("import sys, nerd, nerd.config, nerd.errors, nerd.sigma; from nerd.cli import build_parser; "
+            "build_parser(); print(sorted(m for m in ('torch', 'numpy', 'skimage', 'safetensors') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

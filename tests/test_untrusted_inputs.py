@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from nerd.cli import main
@@ -183,14 +182,8 @@ def test_report_files_are_written_atomically(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from nerd.models import create_model
-    from nerd.weights import save_weights
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "w.safetensors"
-    save_weights(create_model("tiny"), path, sigma255=25)
-    return path
+def weights(tiny_weights: Path) -> Path:
+    return tiny_weights
 
 
 def _noisy_pixels(seed: int, channels: int = 0) -> np.ndarray:

@@ -24,6 +24,10 @@ class WeightsError(NerdError):
     """Unknown, unreadable, corrupt or hostile weights, or a damaged checkpoint."""
 
 
+class DataError(NerdError):
+    """A data folder that is missing or cannot serve as asked (too few images)."""
+
+
 class DenoiseError(NerdError):
     """The model produced an unusable result (non-finite values): no output is written."""
 
@@ -40,5 +44,5 @@ class ExperimentError(NerdError):
     """An experiment that cannot run as asked."""
 
 
-__all__ = ["ConfigError", "DenoiseError", "EvalError", "ExperimentError", "ImageError", "NerdError", "TrainError",
-           "WeightsError"]
+__all__ = ["ConfigError", "DataError", "DenoiseError", "EvalError", "ExperimentError", "ImageError", "NerdError",
+           "TrainError", "WeightsError"]

@@ -38,7 +38,7 @@ from nerd import distributed
 from nerd.checkpoint import kept_weights, load_checkpoint, restore, save_checkpoint
 from nerd.config import Config, TrainConfig, config_from_dict, config_to_dict
 from nerd.data.patches import PatchSampler, load_folder, validation_pairs
-from nerd.errors import ConfigError, NerdError, TrainError, WeightsError
+from nerd.errors import ConfigError, TrainError, WeightsError
 from nerd.evaluate import default_data_root, ieee_fp32
 from nerd.metrics import psnr_from_mse
 from nerd.models import DEQDenoiser
@@ -242,16 +242,8 @@ def _check_moments(moments: dict, model: DEQDenoiser, path: str) -> None:
 
 def _load_data(t: TrainConfig) -> tuple[list[Tensor], list[Tensor]]:
     """(training images, held-out validation images) of the run's folder, each (1, H, W) in [0, 1];
-    TrainError when the folder is missing or too small."""
-    root = Path(t.data) if t.data else default_data_root() / "Train400"
-    if not root.is_dir():
-        raise TrainError(f"training folder not found: {root} (set train.data, --data or NERD_DATA)")
-    try:
-        train_images, val_images, _ = load_folder(root, t.val_images)
-    except NerdError:  # an unreadable image: already one line naming it
-        raise
-    except ValueError as err:  # fewer images than held out
-        raise TrainError(str(err)) from None
+    DataError when the folder is missing or too small."""
+    train_images, val_images, _ = load_folder(t.data or default_data_root() / "Train400", t.val_images)
     return train_images, val_images
 
 

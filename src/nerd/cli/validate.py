@@ -30,7 +30,6 @@ def run(args: argparse.Namespace) -> int:
 
     from nerd.cli import UserError, check_device, check_sigma
     from nerd.data.patches import load_folder, validation_pairs
-    from nerd.errors import NerdError
     from nerd.evaluate import default_data_root
     from nerd.train import validate
     from nerd.weights import load_weights
@@ -38,17 +37,13 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.sigma is not None:
         check_sigma(args.sigma)
+    for option, value, low in (("--val-images", args.val_images, 1), ("--val-crop", args.val_crop, 0),
+                               ("--threads", args.threads, 0)):
+        if value < low:
+            raise UserError(f"{option} must be >= {low}, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = Path(args.data) if args.data else default_data_root() / "Train400"
-    if not folder.is_dir():
-        raise UserError(f"training folder not found: {folder} (pass --data or set NERD_DATA)")
-    try:
-        _, val_images, val_paths = load_folder(folder, args.val_images)
-    except NerdError:  # an unreadable image: one line naming it already
-        raise
-    except ValueError as err:  # fewer images than --val-images holds out
-        raise UserError(str(err)) from None
+    _, val_images, val_paths = load_folder(args.data or default_data_root() / "Train400", args.val_images)
     device = torch.device(args.device)
     rows, pairs_by_sigma = [], {}
     for name in args.weights:

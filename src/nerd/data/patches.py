@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nerd.errors import DataError
 from nerd.io import list_images, load_gray
 from nerd.sigma import to_unit
 
@@ -37,10 +38,17 @@ def load_folder(folder: str | os.PathLike[str], holdout: int) -> tuple[list[Tens
     Returns:
         (train images, validation images, validation paths): the last `holdout` images are held out for
         validation, so validation never uses a test set.
+
+    Raises:
+        DataError (a NerdError): the folder is missing, or holds no more images than `holdout`; ImageError: an
+            image cannot be read.
     """
+    if not Path(folder).is_dir():
+        raise DataError(f"training folder not found: {folder} (give --data DIR or set NERD_DATA; see "
+                        "docs/evaluation.md, 'Data sets')")
     paths = list_images(folder)
     if len(paths) <= holdout:
-        raise ValueError(f"{folder}: {len(paths)} images, need more than the {holdout} held out for validation")
+        raise DataError(f"{folder}: {len(paths)} images, need more than the {holdout} held out for validation")
     images = [torch.from_numpy(load_gray(p))[None] for p in paths]
     cut = len(images) - holdout
     return images[:cut], images[cut:], paths[cut:]
