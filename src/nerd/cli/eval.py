@@ -51,8 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="nerd: torch.compile the implicit layer (pays on many same-size images: the first image of "
                    "each size compiles, about 10-30 s on a CPU; see docs/performance.md)")
     p.add_argument("--anchors", default=None, metavar="DIR",
-                   help="dncnn: folder of dncnn_sigma*.safetensors "
-                   "(default: $NERD_ANCHORS, else ../shared/anchors)")
+                   help="dncnn: folder of DnCNN-S weights; per sigma S the first found of dncnn_sigmaS.safetensors, "
+                   "sigma=S.mat (the authors' MatConvNet file from github.com/cszn/DnCNN, model/specifics), "
+                   "dncnn_sigmaS.pth or sigma=S.pth (a PyTorch state dict; pickled models are refused); "
+                   "see docs/evaluation.md (default: $NERD_ANCHORS, else ../shared/anchors)")
     p.add_argument("--ensemble", type=int, default=1, metavar="N",
                    help="self-ensemble: score the mean of N solves (1, 2, 4 or 8), each on a rotated/flipped copy "
                    "of the noisy image and turned back; N times the time; reported apart from the single-solve "
@@ -182,10 +184,12 @@ def run(args: argparse.Namespace) -> int:
 
             return BM3D(), None, {"profile": "np", "num_threads": 1}, None
         if args.method == "dncnn":
-            from nerd.models.dncnn import anchors_dir, load_dncnn
+            from nerd.models.dncnn import anchors_dir, find_dncnn_file, load_dncnn_file
 
-            model = load_dncnn(sigma255, args.anchors)
-            return model.to(args.device), None, {"anchors": str(anchors_dir(args.anchors))}, None
+            path = find_dncnn_file(sigma255, args.anchors)  # .safetensors, else the authors' .mat, else .pth
+            model = load_dncnn_file(path)
+            meta = {"anchors": str(anchors_dir(args.anchors)), "weights_file": path.name}
+            return model.to(args.device), None, meta, None
         from nerd.weights import default_name, load_weights
 
         name = args.weights or default_name(sigma255)
