@@ -470,7 +470,9 @@ def test_colour_is_each_channel_denoised_alone(capsys, tmp_path, weights):
     x, s = denoise_image(model, y, 25, solver=solver, device="cpu")
     assert x.shape == (H, W, 3) and s.channels == 3
     for c in range(3):
-        np.testing.assert_array_equal(x[..., c], denoise_image(model, y[..., c], 25, solver=solver, device="cpu")[0])
+        # one batched solve of the three planes is the three grayscale solves (up to float32 summation order)
+        np.testing.assert_allclose(x[..., c], denoise_image(model, y[..., c], 25, solver=solver, device="cpu")[0],
+                                   atol=1e-4, rtol=0)  # far below one 8-bit level (3.9e-3)
     assert "x 3 channels" in describe(s)
     with pytest.raises(ValueError, match="channels-last"):  # a channels-first array is not 16 channels of 1 row
         denoise_image(model, y[None, ..., 0], 25, device="cpu")  # (1, H, W)

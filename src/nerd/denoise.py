@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +123,12 @@ def denoise_image(
     progress: bool = False,
 ) -> tuple[np.ndarray, DenoiseSummary]:
     """Denoise one grayscale image with a DEQDenoiser, whole or in overlapping tiles, optionally self-ensembled; a
-    colour image channel by channel.
+    colour image's channels as one batch of grayscale planes.
 
     Args:
         model: a `nerd.models.DEQDenoiser` (moved to `device`; run in eval mode, its mode restored after).
         y: float (H, W) noisy image on [0, 1] (finite), or (H, W, C): each channel denoised on its own with the
-            grayscale model (AWGN of the same sigma in each channel assumed), C times the time.
+            grayscale model (AWGN of the same sigma in each channel assumed), the C channels solved as one batch.
         sigma255: noise std on the 0-255 scale (also for 16-bit images), 0 < sigma255 <= 255.
         solver: a `SolverConfig` overriding the model's solver (`model.solver.override(...)`).
         device: "cpu", "cuda", ...; default: CUDA when available.
@@ -150,31 +150,24 @@ def denoise_image(
         DenoiseError: the output has non-finite values.
     """
     y = np.ascontiguousarray(y, dtype=np.float32)
-    if y.ndim == 3 and y.size and y.shape[2] <= MAX_CHANNELS:  # colour: the grayscale model on each channel
-        kwargs = dict(solver=solver, device=device, tile=tile, overlap=overlap, ensemble=ensemble, progress=progress)
-        parts = [denoise_image(model, y[..., c], sigma255, **kwargs) for c in range(y.shape[2])]
-        s = [part[1] for part in parts]
-        summary = replace(
-            s[0], channels=len(parts), nfe=max(p.nfe for p in s), rel_residual=max(p.rel_residual for p in s),
-            abs_residual=max(p.abs_residual for p in s), converged=all(p.converged for p in s),
-            seconds=sum(p.seconds for p in s), unconverged_tiles=sum(p.unconverged_tiles for p in s),
-            alarm_tiles=sum(p.alarm_tiles for p in s),
-        )
-        return np.stack([part[0] for part in parts], axis=-1), summary
-    if y.ndim != 2 or y.size == 0:
+    colour = y.ndim == 3 and y.size and y.shape[2] <= MAX_CHANNELS
+    if not colour and (y.ndim != 2 or y.size == 0):
         raise ImageError(f"expected a non-empty (H, W) or channels-last (H, W, C <= {MAX_CHANNELS}) image, got "
                          f"shape {y.shape}")
     if not np.isfinite(y).all():
         raise ImageError("image has NaN or infinite pixels")
-    return _denoise_gray(model, y, check_sigma255(sigma255), solver=solver, device=device, tile=tile,
-                         overlap=overlap, ensemble=check_ensemble(ensemble), progress=progress)
+    planes = np.ascontiguousarray(np.moveaxis(y, -1, 0)) if colour else y[None]  # (C, H, W)
+    x_hat, summary = _denoise_planes(model, planes, check_sigma255(sigma255), solver=solver, device=device,
+                                     tile=tile, overlap=overlap, ensemble=check_ensemble(ensemble), progress=progress)
+    return (np.ascontiguousarray(np.moveaxis(x_hat, 0, -1)) if colour else x_hat[0]), summary
 
 
-def _denoise_gray(
-    model: Any, y: np.ndarray, sigma255: float, *, solver: Any, device: str | None, tile: int | None,
+def _denoise_planes(
+    model: Any, planes: np.ndarray, sigma255: float, *, solver: Any, device: str | None, tile: int | None,
     overlap: int | None, ensemble: int, progress: bool,
 ) -> tuple[np.ndarray, DenoiseSummary]:
-    """`denoise_image` of a checked float32 (H, W) image."""
+    """`denoise_image` of a checked float32 (C, H, W) stack of planes: the grayscale model solves the C planes of
+    each tile as one batch (every sample of a solve is its own problem: the result is the per-plane one)."""
     import torch
 
     from nerd import allocator
@@ -182,24 +175,25 @@ def _denoise_gray(
     from nerd.models.ensemble import ensemble_solve
     from nerd.tiling import OVERLAP, fit_memory, tiles
 
+    c, h, w = planes.shape
     overlap = OVERLAP if overlap is None else int(overlap)
-    if tile is not None and max(y.shape) <= tile:
+    if tile is not None and max(h, w) <= tile:
         tile = None  # one tile covers the image: the whole-image solve
     if tile is not None and (tile < 2 * overlap or tile < 2 or overlap < 0):
         raise ConfigError(f"tile must be at least twice the overlap ({overlap}, >= 0), got tile {tile}")
-    pieces = tiles(*y.shape, tile, overlap) if tile is not None else [(slice(None), slice(None), None)]
-    per_solve = pieces[0][2].numel() if tile is not None else y.size  # all tiles have one shape
+    pieces = tiles(h, w, tile, overlap) if tile is not None else [(slice(None), slice(None), None)]
+    per_solve = c * (pieces[0][2].numel() if tile is not None else h * w)  # all tiles have one shape
     solver = fit_memory(solver or model.solver, model.cfg.channels * per_solve)
     dev = torch.device(device or default_device())
     was_training = model.training
     model.to(dev).eval()
-    stats = []  # one entry per tile: the statistics of its solves (one per symmetry)
+    stats = []  # one entry per tile: the statistics of its solves (one per symmetry), each over the C planes
     try:
         start = time.perf_counter()
         with torch.inference_mode():
-            y_t = torch.from_numpy(y).to(dev)
+            y_t = torch.from_numpy(planes).to(dev)
             acc = torch.zeros_like(y_t) if tile is not None else None
-            norm = torch.zeros_like(y_t) if tile is not None else None
+            norm = torch.zeros_like(y_t[0]) if tile is not None else None
             solves = len(pieces) * ensemble
             with _bar(solves * solver.max_iter, progress) as bar, _ticks(model, bar, progress):
                 done = [0]  # solves finished
@@ -213,16 +207,16 @@ def _denoise_gray(
                         allocator.release()  # else each solve fragments the heap further (peak +20 % tiled)
 
                 for rows, cols, weight in pieces:
-                    x, tile_stats = ensemble_solve(model, y_t[rows, cols][None, None], to_unit(sigma255), ensemble,
+                    x, tile_stats = ensemble_solve(model, y_t[:, rows, cols][:, None], to_unit(sigma255), ensemble,
                                                    solver=solver, after_each=next_solve)
                     stats.append(tile_stats)
-                    x = x[0, 0]
+                    x = x[:, 0]
                     if acc is None:
                         acc = x
                     else:
-                        w = weight.to(dev)
-                        acc[rows, cols] += w * x
-                        norm[rows, cols] += w
+                        wt = weight.to(dev)
+                        acc[:, rows, cols] += wt * x
+                        norm[rows, cols] += wt
                         del x
             x = acc if norm is None else acc / norm
             finite = bool(torch.isfinite(x).all())
@@ -232,17 +226,20 @@ def _denoise_gray(
         seconds = time.perf_counter() - start
     finally:
         model.train(was_training)
-    converged = [all(bool(s.converged[0]) for s in tile_stats) for tile_stats in stats]
-    every = [s for tile_stats in stats for s in tile_stats]  # every solve's statistics
+    every = [s for tile_stats in stats for s in tile_stats]  # every solve's statistics, (C,) each
+    # per (tile, plane): whether all its symmetries converged, and whether any ended far from an equilibrium
+    converged = [bool(torch.stack([s.converged for s in tile_stats]).all(0)[p]) for tile_stats in stats
+                 for p in range(c)]
+    alarms = [bool((torch.stack([s.rel_residual for s in tile_stats]) > ALARM_RESIDUAL).any(0)[p])
+              for tile_stats in stats for p in range(c)]
     summary = DenoiseSummary(
-        height=int(y.shape[0]), width=int(y.shape[1]), nfe=max(int(s.nfe[0]) for s in every),
-        rel_residual=max(float(s.rel_residual[0]) for s in every),
-        abs_residual=max(float(s.abs_residual[0]) for s in every), converged=all(converged), tiles=len(pieces),
-        tile=tile, tile_shape=tuple(pieces[0][2].shape) if tile is not None else None,
-        overlap=overlap if tile is not None else None, unconverged_tiles=converged.count(False), ensemble=ensemble,
-        alarm_tiles=sum(any(float(s.rel_residual[0]) > ALARM_RESIDUAL for s in tile_stats) for tile_stats in stats),
-        tol=float(solver.tol), memory=int(solver.memory), seconds=seconds, device=str(dev),
-        max_iter=int(solver.max_iter),
+        height=h, width=w, nfe=max(int(s.nfe.max()) for s in every),
+        rel_residual=max(float(s.rel_residual.max()) for s in every),
+        abs_residual=max(float(s.abs_residual.max()) for s in every), converged=all(converged), channels=c,
+        tiles=len(pieces), tile=tile, tile_shape=tuple(pieces[0][2].shape) if tile is not None else None,
+        overlap=overlap if tile is not None else None, unconverged_tiles=converged.count(False),
+        alarm_tiles=sum(alarms), ensemble=ensemble, tol=float(solver.tol), memory=int(solver.memory),
+        seconds=seconds, device=str(dev), max_iter=int(solver.max_iter),
     )
     if not finite:
         raise DenoiseError(

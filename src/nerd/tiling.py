@@ -144,14 +144,16 @@ class TilePlan:
         return self.budget is None or need <= self.budget  # type: ignore[operator]
 
 
-def choose_tile(height: int, width: int, channels: int, solver: Any, available: int | None) -> TilePlan:
-    """Tiles for a height x width image, or the whole image when it fits in USABLE x `available` bytes.
+def choose_tile(height: int, width: int, channels: int, solver: Any, available: int | None,
+                planes: int = 1) -> TilePlan:
+    """Tiles for a height x width image of `planes` planes solved as one batch (3: a colour image), or the whole
+    image when it fits in USABLE x `available` bytes.
 
     The tile side is the largest multiple of TILE_STEP (at least MIN_TILE) whose tiles fit beside the image's own
     buffers; MIN_TILE when none does (the plan then does not `fit`), and the whole image when such a tile would
     cover it anyway.
     """
-    whole = solve_bytes(height * width, channels, solver)
+    whole = solve_bytes(planes * height * width, channels, solver)  # a batch of planes is as many more pixels
     if available is None:
         return TilePlan(None, whole, None, None)
     budget = int(USABLE * available)
@@ -159,8 +161,8 @@ def choose_tile(height: int, width: int, channels: int, solver: Any, available: 
         return TilePlan(None, whole, None, budget)
 
     def need(side: int) -> int:  # a tile's solve (tiles are at most side x side) and the image's buffers
-        tile_pixels = min(height, side) * min(width, side)
-        return solve_bytes(tile_pixels, channels, solver) + IMAGE_BYTES_PER_PIXEL * height * width
+        tile_pixels = planes * min(height, side) * min(width, side)
+        return solve_bytes(tile_pixels, channels, solver) + planes * IMAGE_BYTES_PER_PIXEL * height * width
 
     side = MIN_TILE
     while side + TILE_STEP < max(height, width) and need(side + TILE_STEP) <= budget:

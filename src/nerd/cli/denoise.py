@@ -174,7 +174,7 @@ def _parse_tile(text: str) -> int | str | None:
     return side
 
 
-def _tile_for(shape: tuple[int, int], choice: int | str | None, model: Any, solver: Any, device: str) -> tuple[
+def _tile_for(shape: tuple[int, ...], choice: int | str | None, model: Any, solver: Any, device: str) -> tuple[
     int | None, str
 ]:
     """The tile side for one image (None: whole) and, when --tile auto had something to say, the line saying it."""
@@ -185,7 +185,8 @@ def _tile_for(shape: tuple[int, int], choice: int | str | None, model: Any, solv
     if choice != "auto":
         return choice, ""  # type: ignore[return-value]
     available = available_bytes(torch.device(device))
-    plan = choose_tile(*shape, model.cfg.channels, solver, available)
+    planes = shape[2] if len(shape) == 3 else 1  # a colour image's channels are solved as one batch
+    plan = choose_tile(shape[0], shape[1], model.cfg.channels, solver, available, planes)
     if plan.budget is None or (plan.tile is None and plan.fits):
         return plan.tile, ""
     gib = 2**30
@@ -210,7 +211,7 @@ def _forecast(shape: tuple[int, ...], tile: int | None, model: Any, solver: Any,
     pieces = tiles(h, w, tile, OVERLAP) if tile is not None and max(h, w) > tile else None
     count = len(pieces) if pieces else 1
     tile_pixels = pieces[0][2].numel() if pieces else h * w
-    seconds = forecast_seconds(model, tile_pixels, count * channels * ensemble, solver, device)
+    seconds = forecast_seconds(model, tile_pixels * channels, count * ensemble, solver, device)  # planes: a batch
     if seconds < LONG_RUN_SECONDS:
         return ""
     where = f"{count} tiles of {tile_pixels / 1e6:.2f} MP" if pieces else "the whole image"
@@ -466,7 +467,7 @@ def run(args: argparse.Namespace) -> int:
                                                             max_pixels=max_pixels)
         y = picture.x
         sigma_in = job.sigma if job.sigma > 0 else models[job.weights][1]["sigma"]
-        tile, why = _tile_for(y.shape[:2], tile_choice, model, solver, device)
+        tile, why = _tile_for(y.shape, tile_choice, model, solver, device)
         if why:
             say(f"{job.src.name}: {why}")
         if not args.quiet:
