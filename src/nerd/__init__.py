@@ -25,6 +25,7 @@ _LAZY = {
     "GradConfig": "nerd.config",
     "TrainConfig": "nerd.config",
     "load_config": "nerd.config",
+    "NERD": "nerd.models.pretrained",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
