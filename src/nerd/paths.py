@@ -16,7 +16,6 @@ DATA_HELP = (
     "the test sets (Set12, BSD68, Urban100; Train400 for training) are public: download them (see "
     "docs/evaluation.md, 'Data') into one folder of set folders, then give --data DIR or set NERD_DATA=DIR"
 )
-ANCHORS_HELP = "give --anchors DIR or set NERD_ANCHORS=DIR to the folder holding dncnn_sigma{15,25,50}.safetensors"
 
 
 def _resolve(given: str | os.PathLike[str] | None, env: str, shared: str) -> Path:
@@ -46,4 +45,4 @@ def data_folder(name: str, given: str | os.PathLike[str] | None = None) -> Path:
     return folder
 
 
-__all__ = ["ANCHORS_HELP", "DATA_HELP", "anchors_root", "data_folder", "data_root"]
+__all__ = ["DATA_HELP", "anchors_root", "data_folder", "data_root"]
