@@ -227,12 +227,9 @@ def test_train_max_minutes_stops_the_run_with_a_checkpoint(tmp_path, capsys):
     assert time.monotonic() - started < 120
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="nerd validate bug: --json into a missing folder ends in a traceback after the scoring")
 def test_validate_json_into_a_missing_folder(files, capsys):
-    """Either the folder is made (exit 0) or the path is refused in one line (exit 2), never a traceback; refusing
-    should happen before the scoring. Remove the mark when fixed (strict: the test then fails as XPASS)."""
+    """The path is refused in one line (exit 2) before the scoring, never a traceback after it."""
     rc = main(_argv(files, "tiny", "ten", ["--json", str(files["root"] / "nowhere" / "v.json")]))
-    assert rc in (0, 2)
-    if rc == 2:
-        one_line_error(capsys.readouterr().err, "validate")
+    out, err = capsys.readouterr()
+    assert rc == 2 and "its folder does not exist" in one_line_error(err, "validate")
+    assert "val PSNR" not in out  # refused before any weights were scored

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nerd.cli import UserError, check_device, check_sigma
     from nerd.data.patches import load_folder, validation_pairs
-    from nerd.evaluate import default_data_root
+    from nerd.evaluate import default_data_root, write_text_atomic
     from nerd.train import validate
     from nerd.weights import load_weights
 
@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
                                ("--threads", args.threads, 0)):
         if value < low:
             raise UserError(f"{option} must be >= {low}, got {value}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # refused before the scoring, not after it
+        raise UserError(f"--json {args.json}: its folder does not exist")
     if args.threads:
         torch.set_num_threads(args.threads)
     _, val_images, val_paths = load_folder(args.data or default_data_root() / "Train400", args.val_images)
@@ -57,6 +59,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: sigma {sigma:g}, val PSNR {stats['val_psnr']:.4f} dB, nfe {stats['nfe']:.1f}, "
               f"converged {stats['converged']:.0%}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"val_images": [p.name for p in val_paths],
-                                               "val_crop": args.val_crop, "rows": rows}, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps({"val_images": [p.name for p in val_paths], "val_crop": args.val_crop,
+                                                 "rows": rows}, indent=2, allow_nan=False) + "\n")
     return 0
