@@ -1,4 +1,8 @@
-"""`nerd export RUN --out FILE.safetensors`: a run's best (or last) weights, with config and scores as metadata."""
+"""`nerd export RUN --out FILE.safetensors`: a run's best (or last) weights, with config and scores as metadata.
+
+`nerd export WEIGHTS --format onnx --iters N --out FILE.onnx`: shipped weights (a name) or a .safetensors file as an
+ONNX graph of exactly N Broyden iterations, weight norm folded, dynamic height and width (`nerd.onnx_export`).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,28 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a run's weights as safetensors with config and scores in metadata")
+    p = sub.add_parser(
+        "export",
+        help="write a run's weights as safetensors with config and scores in metadata, or weights as ONNX",
+        description="Export a training run (or checkpoint) to .safetensors, or weights to an ONNX graph.",
+        epilog="ONNX (--format onnx, or an --out ending in .onnx): RUN is a shipped weights name (see `nerd info`) or "
+        "a .safetensors file; the graph runs exactly --iters Broyden iterations (default: the weights' max_iter), a "
+        "sample freezing once its residual is below --tol (default: the weights' tol), so ONNX Runtime gives what "
+        "`nerd denoise --iters N --tol T` gives on a whole-image solve. Input 'noisy' and output 'denoised' are "
+        "(batch, 1, height, width) float32 on [0, 1], all dynamic; the output is clamped to [0, 1]. "
+        "Needs pip install 'nerd[onnx]'.",
+    )
     p.add_argument("run", help="run folder (runs/NAME), or a checkpoint .pt (its last.pt, or one by another "
-                   "name, e.g. from git history), which is exported as --last")
-    p.add_argument("--out", required=True, help="destination .safetensors file")
+                   "name, e.g. from git history), which is exported as --last; with --format onnx: a shipped "
+                   "weights name or a .safetensors file")
+    p.add_argument("--out", required=True, help="destination .safetensors (or, with --format onnx, .onnx) file")
+    p.add_argument("--format", choices=["safetensors", "onnx"],
+                   help="default: onnx when --out ends in .onnx, else safetensors")
+    p.add_argument("--iters", metavar="N", type=int,
+                   help="onnx: Broyden iterations unrolled into the graph (default: the weights' max_iter)")
+    p.add_argument("--tol", metavar="T", type=float,
+                   help="onnx: relative residual below which a sample stops changing (0: every iteration counts; "
+                   "default: the weights' tol, as nerd denoise)")
     p.add_argument("--last", action="store_true",
                    help="export last.pt instead of the best validated weights (its moving average where the run "
                    "kept one: train.ema)")
@@ -17,6 +39,49 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    fmt = args.format or ("onnx" if str(args.out).lower().endswith(".onnx") else "safetensors")
+    if fmt == "onnx":
+        return _run_onnx(args)
+    from nerd.cli import UserError
+
+    for option, value in (("--iters", args.iters), ("--tol", args.tol)):
+        if value is not None:
+            raise UserError(f"{option} applies to --format onnx only")
+    return _run_safetensors(args)
+
+
+def _run_onnx(args: argparse.Namespace) -> int:
+    """Weights (shipped name or .safetensors) -> an ONNX file of a fixed number of Broyden iterations."""
+    import time
+    from pathlib import Path
+
+    from nerd.cli import UserError
+    from nerd.onnx_export import export_onnx, require
+
+    src = Path(args.run)
+    if src.suffix == ".pt" or src.is_dir():
+        raise UserError(f"--format onnx exports weights (a shipped name or a .safetensors file), not {args.run}; "
+                        f"export the run to .safetensors first")
+    if args.last or args.scores:
+        raise UserError("--last and --scores apply to a run's safetensors export, not to --format onnx")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"output folder not found: {out.parent}")
+    require("onnx")  # before loading weights and tracing: the one-line install hint
+    from nerd.weights import load_weights
+
+    model, info = load_weights(args.run)
+    iters = model.solver.max_iter if args.iters is None else args.iters
+    start = time.perf_counter()
+    meta = export_onnx(model, out, iters=iters, tol=args.tol,
+                       metadata={"weights": info["name"], "weights_sha256": info["sha256"], "sigma": info["sigma"]})
+    print(f"wrote {out} ({info['name']}, sigma {info['sigma']:g}: {meta['iters']} Broyden iterations, tol "
+          f"{meta['tol']:g}, {meta['memory']} updates kept; input 'noisy', output 'denoised', (batch, 1, H, W) "
+          f"float32 on [0, 1]; {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _run_safetensors(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
