@@ -102,6 +102,25 @@ def test_sane_cached_rows_are_reused_without_a_note(capsys, eval_run):
     assert _figures(json.loads(eval_run["report"].read_text())) == pytest.approx(_figures(eval_run["whole"]))
 
 
+def test_a_partial_file_written_before_row_checksums_still_resumes(capsys, eval_run):
+    """A file from before the protocol and per-row checksums entered partial files (as committed interrupted runs
+    are) is continued, not thrown away; an edited figure in it is still refused by its range checks."""
+    data = json.loads(eval_run["partial"].read_text())
+    key = json.loads(data["key"])
+    key.pop("protocol")
+    data["key"] = json.dumps(key)
+    for row in data["rows"]:
+        row.pop("sha256")
+    eval_run["partial"].write_text(json.dumps(data))
+    rc, _, err = _cli(capsys, *eval_run["argv"])
+    assert rc == 0 and "failed checks" not in err and "1 image(s) reused" in err, err
+    data["rows"][0]["psnr"] = float("nan")
+    eval_run["partial"].write_text(json.dumps(data))
+    rc, _, err = _cli(capsys, *eval_run["argv"])
+    assert rc == 0 and "1 cached rows failed checks" in err, err
+    assert _figures(json.loads(eval_run["report"].read_text())) == pytest.approx(_figures(eval_run["whole"]))
+
+
 def test_rows_cached_under_another_key_are_recomputed(capsys, eval_run):
     """Rows written for other weights (another checksum), solver or sigma are not mixed in."""
     data = json.loads(eval_run["partial"].read_text())

@@ -361,6 +361,11 @@ def _read_partial(path: str | os.PathLike[str] | None, key: str, names: set[str]
         return {}, f"not a readable partial-results file ({why}); every image is measured from scratch"
     if not rows:
         return {}, None
+    # A file written before the protocol and per-row checksums entered partial files: the protocol it ran under is
+    # today's (the text is new, the recipe is not), and its rows are trusted on their figures and names alone.
+    legacy = "protocol" not in stored and not any(isinstance(r, dict) and "sha256" in r for r in rows)
+    if legacy:
+        stored = {**stored, "protocol": PROTOCOL}
     if _partial_key(stored) != key:  # re-keyed too: files written before "data" left the key still match
         ours = json.loads(key)
         other = sorted(k for k in ours.keys() | stored.keys()
@@ -375,7 +380,7 @@ def _read_partial(path: str | os.PathLike[str] | None, key: str, names: set[str]
         name = r.get("name") if isinstance(r, dict) else None
         stored_digest = r.pop("sha256", None) if isinstance(r, dict) else None
         checked = check_row(r, names, solver)
-        if isinstance(checked, Row) and stored_digest != digest(key, r):
+        if isinstance(checked, Row) and not legacy and stored_digest != digest(key, r):
             checked = f"{name}: edited or damaged (its checksum does not match)"
         if isinstance(checked, Row) and count[checked.name] > 1:  # which of two rows is right? neither is trusted
             checked = f"{name}: {count[checked.name]} rows for this image"
