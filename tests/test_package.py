@@ -86,3 +86,10 @@ def test_import_nerd_and_the_cli_parser_are_cheap():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_denoise_module_imports_without_torch():
+    """`nerd.denoise` holds the typed result and the report line: reading them needs no torch (it loads on a solve)."""
+    code = "import sys, nerd.denoise; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -174,10 +174,7 @@ def solver_table() -> str:
 def ensemble_eval_table() -> str:
     """The shipped NERD self-ensembled (`nerd eval --ensemble N`) on the test sets, beside its single solves and BM3D
     (which is not ensembled): whole sets only, and those under way (a resumable partial file) say how far they are."""
-    try:
-        from nerd.models.ensemble import ENSEMBLES
-    except ImportError:  # before the self-ensemble had a module of its own
-        from nerd.denoise import ENSEMBLES
+    from nerd.config import ENSEMBLES
 
     single = _load_evals()  # one solve each (NERD's single solves, BM3D)
     lines = ["| set | σ | solves | nerd, one solve | nerd, mean of the solves | gain (dB) | BM3D | vs BM3D (dB) "

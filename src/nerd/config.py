@@ -28,6 +28,16 @@ SOLVER_NAMES: tuple[str, ...] = get_args(SolverName)  # the one list: `nerd.deq.
 GRAD_MODES: tuple[str, ...] = get_args(GradMode)
 
 
+ENSEMBLES = (1, 2, 4, 8)  # self-ensemble sizes: the first n of the square's 8 symmetries (nerd.models.ensemble)
+
+
+def check_ensemble(n: object, what: str = "ensemble") -> int:
+    """`n` when it is one of 1, 2, 4, 8; ConfigError naming `what` otherwise."""
+    if n not in ENSEMBLES:
+        raise ConfigError(f"{what} must be one of {', '.join(map(str, ENSEMBLES))}, got {n!r}")
+    return int(n)  # type: ignore[call-overload]
+
+
 MAX_CHANNELS = 4096  # far above any model of the paper (128): a bound for configs read from files
 MAX_WINDOW = 1023
 MAX_ITER = 100_000

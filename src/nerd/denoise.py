@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from nerd.config import check_ensemble
 from nerd.errors import DenoiseError, ImageError
-from nerd.models.ensemble import check_ensemble
 from nerd.sigma import check_sigma255, to_unit
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -64,7 +64,7 @@ class DenoiseSummary:
         nfe: f-evaluations (= iterations) of the longest solve.
         rel_residual, abs_residual: the largest final residuals of any solve.
         converged: every solve reached `tol`.
-        channels: 1 for a grayscale image, else the channels denoised one by one.
+        channels: 1 for a grayscale image, else the colour channels (denoised as grayscale planes, one batch).
         tiles: 1 for a whole-image solve.
         tile: the tile side asked for (None: whole image, also when the tile covers the image).
         tile_shape: (h, w) of the tiles, or None.
@@ -182,8 +182,9 @@ def _denoise_planes(
     if tile is not None and (tile < 2 * overlap or tile < 2 or overlap < 0):
         raise ConfigError(f"tile must be at least twice the overlap ({overlap}, >= 0), got tile {tile}")
     pieces = tiles(h, w, tile, overlap) if tile is not None else [(slice(None), slice(None), None)]
-    per_solve = c * (pieces[0][2].numel() if tile is not None else h * w)  # all tiles have one shape
-    solver = fit_memory(solver or model.solver, model.cfg.channels * per_solve)
+    per_plane = pieces[0][2].numel() if tile is not None else h * w  # all tiles have one shape
+    # the history a plane alone would get: the batch's answer is the per-plane one (the tile planner counts the batch)
+    solver = fit_memory(solver or model.solver, model.cfg.channels * per_plane)
     dev = torch.device(device or default_device())
     was_training = model.training
     model.to(dev).eval()

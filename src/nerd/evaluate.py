@@ -27,13 +27,12 @@ import torch
 from torch import Tensor
 
 from nerd import allocator
-from nerd.config import SolverConfig
+from nerd.config import SolverConfig, check_ensemble
 from nerd.data.noise import protocol_noisy
 from nerd.errors import EvalError
 from nerd.io import list_images, load_gray
 from nerd.metrics import psnr, ssim
 from nerd.models.base import Denoiser
-from nerd.models.ensemble import check_ensemble
 from nerd.models.nerd import DEQDenoiser
 from nerd.paths import DATA_HELP, data_root
 from nerd.sigma import check_sigma255, to_unit

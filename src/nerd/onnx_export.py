@@ -18,10 +18,11 @@
 `export_onnx` writes the file (opset 18, dynamic batch, height and width); `onnx_session` and `run_onnx` denoise
 with ONNX Runtime. Both need the optional packages of `pip install 'nerd[onnx]'` and say so otherwise.
 
-Memory: the tiled attention materialises its scores, about 4 * heads * (b + 2R)^2 bytes a pixel (19 KB with the
-shipped weights' 3 heads, r = R = 16 and b = 8), more than PyTorch's fused attention needs; the exported graph
-solves the whole image (no tiles, and the Broyden history is not shortened for large images as
-`nerd.tiling.fit_memory` does), so it suits images up to about a megapixel.
+Memory: the attention's key/value halos take 2 * 4 * C * ((b + 2R) / b)^2 bytes a pixel (3.5 KB with the shipped
+weights: C = 48, r = R = b = 16) and its scores are computed in CHUNKS groups of tile rows; the Broyden history is
+held twice (the slots and their stacked copy). The graph solves the whole image: no tiles, and no history
+shortened for large images as `nerd.tiling.fit_memory` does for `nerd denoise` (from about 0.7 megapixels with
+the shipped weights), so beyond that size its result differs from `nerd denoise`'s.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from nerd.errors import NerdError
 
 INSTALL_HINT = "pip install 'nerd[onnx]'"
 OPSET = 18
-TILE = 8  # query tile side of the exported attention: ORT ran 8 faster than 16 or 4 (128x128, window 33, 2 threads)
+CHUNKS = 16  # groups of tile rows of the exported attention, one after the other: bounds the scores held at once
+TILE = 16  # query tile side of the exported attention (8: the same ORT time, 3x the halos' memory)
 _EPS = 1e-12  # as nerd.deq.solvers._EPS
 
 
@@ -64,7 +66,7 @@ def require(*modules: str) -> None:
 
 
 def tiled_attention(
-    q: Tensor, k: Tensor, v: Tensor, window: int, tile: int = TILE, scale: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, window: int, tile: int = TILE, scale: float | None = None, chunks: int = CHUNKS
 ) -> Tensor:
     """Exact q x q neighbourhood attention on b x b query tiles, with no branch on the image size (exportable).
 
@@ -72,13 +74,17 @@ def tiled_attention(
     through an additive mask built from the pixels' coordinates: a key is allowed when it lies in the query's
     window and inside the image. The mask is separable (rows x columns), so it is added by broadcasting and never
     materialised at full size. Queries in the padding (cropped at the end) see their whole window, so no softmax
-    row is empty. Equal to `nerd.models.attention.neighbourhood_attention` up to float rounding.
+    row is empty. The scores are computed for `chunks` consecutive groups of tile rows, one after the other (a
+    fixed count, so their bounds follow the image size; a group may be empty): the scores held at once are
+    1/chunks of the image's.
+    Equal to `nerd.models.attention.neighbourhood_attention` up to float rounding.
 
     Args:
         q, k, v: (B, heads, H, W, d) float.
         window: odd neighbourhood size q.
         tile: query tile side b (memory and speed only).
         scale: score scale, default 1/sqrt(d) (pass it when tracing: d is then a traced size).
+        chunks: groups of tile rows computed one after the other (memory and speed only).
 
     Returns:
         (B, heads, H, W, d).
@@ -87,13 +93,14 @@ def tiled_attention(
     r = window // 2
     t = tile
     big_r = -(-r // t) * t  # the halo, in whole tiles
-    p = 2 * big_r // t + 1  # tiles along one side of a halo
-    s = p * t  # halo side in pixels
     nh, nw = (h + t - 1) // t, (w + t - 1) // t
     hp, wp = nh * t, nw * t
     q = F.pad(q, (0, 0, 0, wp - w, 0, hp - h))
     k = F.pad(k, (0, 0, big_r, big_r + wp - w, big_r, big_r + hp - h))  # (B, n, hp + 2R, wp + 2R, d)
     v = F.pad(v, (0, 0, big_r, big_r + wp - w, big_r, big_r + hp - h))
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    p = 2 * big_r // t + 1  # tiles along one side of a halo
+    s = p * t  # halo side in pixels
 
     def halos(x: Tensor) -> Tensor:
         # Halo rows of tile i are the padded tiles i .. i + p - 1: p shifted slices, each cut into tiles.
@@ -105,26 +112,31 @@ def tiled_attention(
         cols = cols.reshape(b, n, nh, s, nw, s, d)
         return cols.permute(0, 2, 4, 1, 3, 5, 6).reshape(b, nh, nw, n, s * s, d)  # (B, nh, nw, n, s*s, d)
 
-    qt = q.reshape(b, n, nh, t, nw, t, d).permute(0, 2, 4, 1, 3, 5, 6).reshape(b, nh, nw, n, t * t, d)
-    kt, vt = halos(k), halos(v)
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    scores = (qt * scale) @ kt.transpose(-1, -2)  # (B, nh, nw, n, t*t, s*s)
-    scores = scores.reshape(b, nh, nw, n, t, t, s, s)
-    bias_y = _axis_bias(nh, t, s, r, big_r, h, q).reshape(1, nh, 1, 1, t, 1, s, 1)
-    bias_x = _axis_bias(nw, t, s, r, big_r, w, q).reshape(1, 1, nw, 1, 1, t, 1, s)
-    attn = (scores + bias_y + bias_x).reshape(b, nh, nw, n, t * t, s * s).softmax(-1)
-    out = (attn @ vt).reshape(b, nh, nw, n, t, t, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(b, n, hp, wp, d)
+    qt = (q * scale).reshape(b, n, nh, t, nw, t, d).permute(0, 2, 4, 1, 3, 5, 6).reshape(b, nh, nw, n, t * t, d)
+    kt, vt = halos(k).transpose(-1, -2), halos(v)
+    bias_y = _axis_bias(nh, t, r, big_r, h, q)[None, :, None, None, :, None, :, None]  # (1, nh, 1, 1, t, 1, s, 1)
+    bias_x = _axis_bias(nw, t, r, big_r, w, q)[None, None, :, None, None, :, None, :]  # (1, 1, nw, 1, 1, t, 1, s)
+    parts = []
+    for c in range(chunks):  # rows of tiles [i0, i1): their scores only are held at once
+        i0, i1 = c * nh // chunks, (c + 1) * nh // chunks
+        scores = (qt[:, i0:i1] @ kt[:, i0:i1]).reshape(b, i1 - i0, nw, n, t, t, s, s)
+        scores = scores + bias_y[:, i0:i1] + bias_x
+        attn = scores.reshape(b, i1 - i0, nw, n, t * t, s * s).softmax(-1)
+        parts.append(attn @ vt[:, i0:i1])  # (B, i1 - i0, nw, n, t*t, d)
+    out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    out = out.reshape(b, nh, nw, n, t, t, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(b, n, hp, wp, d)
     return out[:, :, :h, :w]
 
 
-def _axis_bias(n_tiles: Any, t: int, s: int, r: int, big_r: int, size: Any, like: Tensor) -> Tensor:
-    """Additive mask along one axis: (n_tiles, t, s), 0 where halo key ky of tile i is allowed for query qy.
+def _axis_bias(n_tiles: Any, t: int, r: int, big_r: int, size: Any, like: Tensor) -> Tensor:
+    """Additive mask along one axis: (n_tiles, t, s), s = t + 2R, 0 where halo key ky of tile i is allowed for
+    query qy, -inf elsewhere.
 
     Query qy of tile i sits at i t + qy, key ky at i t - R + ky: allowed when |qy + R - ky| <= r and the key is
     inside the image (0 <= i t - R + ky < size); a query in the padding (i t + qy >= size) sees its whole window."""
     i = torch.arange(n_tiles, device=like.device)[:, None, None]
     qy = torch.arange(t, device=like.device)[None, :, None]
-    ky = torch.arange(s, device=like.device)[None, None, :]
+    ky = torch.arange(t + 2 * big_r, device=like.device)[None, None, :]
     band = (qy + big_r - ky).abs() <= r
     key = i * t - big_r + ky
     inside = (key >= 0) & (key < size)
@@ -213,16 +225,17 @@ class FixedBroyden(nn.Module):
 
         z = torch.zeros_like(s).reshape(b, -1)
         m = self.memory
-        zero = torch.zeros_like(z)
-        us, vs = [zero] * m, [zero] * m  # the ring of secant pairs, empty slots zero as in broyden
+        # The ring of secant pairs. Only filled slots are stacked (an empty slot is zero in broyden: it adds
+        # nothing), once per update rather than at every product: (B, N, filled) and (B, filled, N).
+        us: list[Tensor | None] = [None] * m
+        vs: list[Tensor | None] = [None] * m
+        ring: list[Tensor] = []  # [U, VT] of the filled slots, in slot order; empty before the first update
 
         def matvec(x: Tensor) -> Tensor:  # J^-1 x, x (B, N)
-            big_u, vt = torch.stack(us, dim=2), torch.stack(vs, dim=1)  # (B, N, m), (B, m, N)
-            return -x + (big_u @ (vt @ x[:, :, None]))[:, :, 0]
+            return -x + (ring[0] @ (ring[1] @ x[:, :, None]))[:, :, 0] if ring else -x
 
         def rmatvec(x: Tensor) -> Tensor:  # x^T J^-1
-            big_u, vt = torch.stack(us, dim=2), torch.stack(vs, dim=1)
-            return -x + ((x[:, None, :] @ big_u) @ vt)[:, 0, :]
+            return -x + ((x[:, None, :] @ ring[0]) @ ring[1])[:, 0, :] if ring else -x
 
         # The tracker: best iterate, its relative residual, activity.
         best_z = z
@@ -258,6 +271,8 @@ class FixedBroyden(nn.Module):
             u_new = (dz - matvec(dg)) / torch.where(ok, denom, torch.ones_like(denom))
             slot = (k - 1) % m
             us[slot], vs[slot] = torch.where(ok, u_new, 0.0), torch.where(ok, vt_new, 0.0)
+            filled = [i for i in range(m) if us[i] is not None]
+            ring[:] = [torch.stack([us[i] for i in filled], dim=2), torch.stack([vs[i] for i in filled], dim=1)]
             gz = gz_new
             update = -matvec(gz)
             z = torch.where(finite[:, None], z, best_z)

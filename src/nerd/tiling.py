@@ -74,9 +74,11 @@ def peak_bytes(pixels: int, channels: int, maps: int) -> int:
     return int(SAFETY * per_pixel * pixels) + FIXED_BYTES
 
 
-def solve_bytes(pixels: int, channels: int, solver: Any) -> int:
-    """`peak_bytes` of a solve as `nerd.denoise.denoise_image` runs it (its history shortened by `fit_memory`)."""
-    return peak_bytes(pixels, channels, history_maps(fit_memory(solver, channels * pixels)))
+def solve_bytes(pixels: int, channels: int, solver: Any, planes: int = 1) -> int:
+    """`peak_bytes` of a solve as `nerd.denoise.denoise_image` runs it: `planes` planes of `pixels` pixels as one
+    batch, the history shortened by `fit_memory` as for one plane (so a colour image's channels get the memory a
+    grayscale image of their size gets, and the batch's answer is the per-channel one)."""
+    return peak_bytes(planes * pixels, channels, history_maps(fit_memory(solver, channels * pixels)))
 
 
 def _cgroup_free() -> int | None:
@@ -153,7 +155,7 @@ def choose_tile(height: int, width: int, channels: int, solver: Any, available: 
     buffers; MIN_TILE when none does (the plan then does not `fit`), and the whole image when such a tile would
     cover it anyway.
     """
-    whole = solve_bytes(planes * height * width, channels, solver)  # a batch of planes is as many more pixels
+    whole = solve_bytes(height * width, channels, solver, planes)
     if available is None:
         return TilePlan(None, whole, None, None)
     budget = int(USABLE * available)
@@ -161,8 +163,8 @@ def choose_tile(height: int, width: int, channels: int, solver: Any, available: 
         return TilePlan(None, whole, None, budget)
 
     def need(side: int) -> int:  # a tile's solve (tiles are at most side x side) and the image's buffers
-        tile_pixels = planes * min(height, side) * min(width, side)
-        return solve_bytes(tile_pixels, channels, solver) + planes * IMAGE_BYTES_PER_PIXEL * height * width
+        tile_pixels = min(height, side) * min(width, side)
+        return solve_bytes(tile_pixels, channels, solver, planes) + planes * IMAGE_BYTES_PER_PIXEL * height * width
 
     side = MIN_TILE
     while side + TILE_STEP < max(height, width) and need(side + TILE_STEP) <= budget:

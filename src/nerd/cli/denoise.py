@@ -211,12 +211,12 @@ def _forecast(shape: tuple[int, ...], tile: int | None, model: Any, solver: Any,
     pieces = tiles(h, w, tile, OVERLAP) if tile is not None and max(h, w) > tile else None
     count = len(pieces) if pieces else 1
     tile_pixels = pieces[0][2].numel() if pieces else h * w
-    seconds = forecast_seconds(model, tile_pixels * channels, count * ensemble, solver, device)  # planes: a batch
+    solves = count * ensemble
+    seconds = forecast_seconds(model, tile_pixels * channels, solves, solver, device)  # a colour tile: one batch
     if seconds < LONG_RUN_SECONDS:
         return ""
     where = f"{count} tiles of {tile_pixels / 1e6:.2f} MP" if pieces else "the whole image"
-    solves = count * channels * ensemble
-    return (f"{w}x{h}: {solves} solve{'s' * (solves > 1)} ({where}{f' x {channels} channels' * (channels > 1)}"
+    return (f"{w}x{h}: {solves} solve{'s' * (solves > 1)} ({where}{f', {channels} channels a batch' * (channels > 1)}"
             f"{f' x {ensemble} symmetries' * (ensemble > 1)}) of up to {solver.max_iter} iterations: about "
             f"{_duration(seconds)} on this machine")
 
@@ -356,6 +356,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nerd import allocator
     from nerd.cli import UserError, check_device
+    from nerd.config import check_ensemble
     from nerd.denoise import (
         SAMPLE_CLEAN,
         SAMPLE_SIGMA,
@@ -369,7 +370,6 @@ def run(args: argparse.Namespace) -> int:
     from nerd.errors import ImageError, NerdError
     from nerd.io import keeps_alpha, luma_sigma255, output_format, read_image, read_picture, to_pixels, write_image
     from nerd.metrics import psnr as psnr_db
-    from nerd.models.ensemble import check_ensemble
 
     if args.gray and args.colour:
         raise UserError("give --gray (luminance) or --colour (each RGB channel), not both")

@@ -69,7 +69,7 @@ def _check(args: argparse.Namespace) -> None:
 
     for sigma255 in args.sigma:
         check_sigma(sigma255)
-    from nerd.models.ensemble import check_ensemble
+    from nerd.config import check_ensemble
 
     check_ensemble(args.ensemble, "--ensemble")
     if args.limit is not None and args.limit < 1:

@@ -10,19 +10,10 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from nerd.config import check_ensemble
 from nerd.data.patches import dihedral, undo_dihedral
 from nerd.deq.solvers import SolverStats
-from nerd.errors import ConfigError
 from nerd.models.base import Denoiser
-
-ENSEMBLES = (1, 2, 4, 8)
-
-
-def check_ensemble(n: object, what: str = "ensemble") -> int:
-    """`n` when it is one of 1, 2, 4, 8; ConfigError naming `what` otherwise."""
-    if n not in ENSEMBLES:
-        raise ConfigError(f"{what} must be one of {', '.join(map(str, ENSEMBLES))}, got {n!r}")
-    return int(n)  # type: ignore[call-overload]
 
 
 def ensemble_solve(

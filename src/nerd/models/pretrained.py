@@ -49,8 +49,8 @@ class NERD(_Base):  # type: ignore[misc,valid-type]
 
     Args:
         solver: the equilibrium solver for every solve: a `SolverConfig`, or an int that replaces only the
-            `max_iter` of each weights file's own solver (the shipped files carry the budget chosen for their
-            sigma); None (default): each file's own solver.
+            `max_iter` of each weights file's own solver (e.g. the budgets measured in docs/performance.md); None
+            (default): each file's own solver.
         device: where the models run ("cpu", "cuda", a `torch.device`); the input is moved there and the output
             returned on the input's device. None (default): where the input is.
         weights: the weights to choose from, shipped names or .safetensors paths (`nerd.load_weights`); None
@@ -188,7 +188,7 @@ class NERD(_Base):  # type: ignore[misc,valid-type]
             solver = model.solver.override(max_iter=self.solver)
         else:
             solver = model.solver
-        return fit_memory(solver, model.cfg.channels * y[:, :1].numel())
+        return fit_memory(solver, model.cfg.channels * y[:1].numel())  # per image, as denoise_image
 
     def extra_repr(self) -> str:
         known = ", ".join(f"{n} (sigma {s:g})" for n, s in (self._trained or {}).items()) or "read at first call"
