@@ -79,6 +79,8 @@ CASES = {
     "model absurd channels": lambda g: dict(model=_model_json(g, channels=10**9, heads=1, groups=1)),
     "model channels a string": lambda g: dict(model=_model_json(g, channels="8")),
     "model window huge": lambda g: dict(model=_model_json(g, window=10**6 + 1)),
+    # within the ranges, but far larger than the file's tensors: refused on shapes, before anything is allocated
+    "model large, tensors tiny": lambda g: dict(model=_model_json(g, channels=1024, expansion=8, window=255)),
     "solver tol < 0": lambda g: dict(solver=_solver_json(g, tol=-1.0)),
     "solver tol NaN": lambda g: dict(solver=_solver_json(g, tol=float("nan"))),
     "solver max_iter absurd": lambda g: dict(solver=_solver_json(g, max_iter=10**12)),

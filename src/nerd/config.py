@@ -38,7 +38,7 @@ def check_ensemble(n: object, what: str = "ensemble") -> int:
     return int(n)  # type: ignore[call-overload]
 
 
-MAX_CHANNELS = 4096  # far above any model of the paper (128): a bound for configs read from files
+MAX_CHANNELS = 1024  # 8x the paper's model (128): a bound for configs read from files (a few hundred MB at most)
 MAX_WINDOW = 1023
 MAX_ITER = 100_000
 
@@ -94,7 +94,7 @@ class ModelConfig:
         # Ranges first: a config also arrives from files (TOML, weights metadata), and a huge width or window from a
         # hostile file must end in one line, not in an allocation of terabytes.
         for name, low, high in (("channels", 1, MAX_CHANNELS), ("heads", 1, MAX_CHANNELS), ("window", 1, MAX_WINDOW),
-                                ("expansion", 1, 16), ("groups", 1, MAX_CHANNELS), ("attn_block", 1, 1024),
+                                ("expansion", 1, 8), ("groups", 1, MAX_CHANNELS), ("attn_block", 1, 1024),
                                 ("in_channels", 1, 4)):
             _check_range(self, name, low, high)
         _check_number(self, "dropout")

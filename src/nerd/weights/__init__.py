@@ -154,6 +154,7 @@ def _check_tensors(path: Path, model: torch.nn.Module, tensors: dict[str, torch.
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise WeightsError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, the model needs {shape}")
+    for key in expected:
         if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
             bad = int((~torch.isfinite(tensors[key])).sum())
             raise WeightsError(f"{path}: tensor {key} has {bad} NaN/inf value(s); these weights cannot denoise")
@@ -181,8 +182,9 @@ def load_weights(name_or_path: str | os.PathLike[str], *, device: str | torch.de
         raise WeightsError(
             f"checksum mismatch: {path} is corrupt (tensors or model metadata do not match the recorded sha256)"
         )
+    with torch.device("meta"):  # shapes first, no memory: a file's config alone never decides an allocation
+        _check_tensors(path, DEQDenoiser(model_cfg, solver=solver_cfg), tensors)
     model = DEQDenoiser(model_cfg, solver=solver_cfg)
-    _check_tensors(path, model, tensors)
     model.load_state_dict(tensors, strict=True)
     info: dict[str, Any] = {
         "path": str(path), "name": path.stem, "sigma": sigma255, "scores": scores, "train": train,
