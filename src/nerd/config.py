@@ -203,8 +203,8 @@ class GradConfig:
     def __post_init__(self) -> None:
         if self.mode not in GRAD_MODES:
             raise ConfigError(f"unknown gradient mode {self.mode!r}: choose {', '.join(GRAD_MODES)}")
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        _check_range(self, "steps", 1, MAX_ITER)
+        _check_number(self, "damping")
         if not 0 < self.damping <= 1:  # 0 would give the implicit layer no gradient at all
             raise ConfigError(f"damping (lambda) must be in (0, 1], got {self.damping}")
 
@@ -278,9 +278,18 @@ class TrainConfig:
             raise ConfigError("sigma must be one or more noise levels in (0, 255]")
         for s in self.sigma:
             check_sigma255(s, "train.sigma")
-        for name in ("crop", "batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, low, high in (("crop", 1, 1 << 15), ("batch", 1, 1 << 16), ("epochs", 0, 1 << 30),
+                                ("crops_per_image", 1, 1 << 30), ("steps", 0, 1 << 40), ("warmup", 0, 1 << 40),
+                                ("val_images", 0, 1 << 20), ("val_every", 0, 1 << 40), ("val_crop", 0, 1 << 15),
+                                ("log_every", 1, 1 << 40), ("seed", 0, 2**63 - 1), ("threads", 0, 4096),
+                                ("train_iters", 0, MAX_ITER)):
+            _check_range(self, name, low, high)
+        for name in ("lr", "lr_min", "weight_decay", "grad_clip", "checkpoint_minutes", "minutes", "ema"):
+            _check_number(self, name)
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.amp not in ("auto", "on", "off"):
+            raise ConfigError(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema is a decay in [0, 1) (0: off), got {self.ema}")
 
@@ -339,16 +348,20 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read a TOML recipe; `preset = "NAME"` in [model] starts from a named model preset."""
-    with open(path, "rb") as fh:
-        data = tomllib.load(fh)
-    model = dict(data.get("model", {}))
-    preset = model.pop("preset", None)
-    if preset is not None:
-        model = {**dataclasses.asdict(preset_config(preset)), **model}
-    data["model"] = model
-    data.setdefault("name", Path(path).stem)
-    return config_from_dict(data)
+    """Read a TOML recipe; `preset = "NAME"` in [model] starts from a named model preset. ConfigError (one line,
+    naming the file) when it cannot be read, parsed or validated."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        model = dict(data.get("model", {}))
+        preset = model.pop("preset", None)
+        if preset is not None:
+            model = {**dataclasses.asdict(preset_config(preset)), **model}
+        data["model"] = model
+        data.setdefault("name", Path(path).stem)
+        return config_from_dict(data)
+    except (OSError, ValueError, TypeError, AttributeError) as err:  # TOML syntax: ValueError; wrong types: TypeError
+        raise ConfigError(f"bad config {path}: {' '.join(str(err).split())}") from None
 
 
 def dumps(cfg: Any) -> str:

@@ -603,9 +603,10 @@ def load_recipe(path: str | os.PathLike[str], **train_overrides: object) -> Conf
     ConfigError naming the file when it cannot be read, parsed or validated."""
     from nerd.config import load_config
 
+    cfg = load_config(path)  # a ConfigError naming the file already
     try:
-        return resolved_config(load_config(path), **train_overrides)
-    except (OSError, ValueError, TypeError) as err:  # TOML syntax errors are ValueErrors, wrong types TypeErrors
+        return resolved_config(cfg, **train_overrides)
+    except (ValueError, TypeError) as err:  # an override of the wrong type or range
         raise ConfigError(f"bad config {path}: {' '.join(str(err).split())}") from None
 
 
