@@ -143,14 +143,20 @@ def _damage(kind: str, good: Path, path: Path) -> None:
         for key in ("model", "ema"):
             ckpt[key] = {k: torch.zeros(3, *v.shape) for k, v in ckpt[key].items()}
         torch.save(ckpt, path)
+    elif kind == "wrong-moments":  # weights fine, AdamW's moments of another shape (fails only at the next step)
+        ckpt = torch.load(good, weights_only=True)
+        for moments in ckpt["optimizer"]["state"].values():
+            moments["exp_avg"] = torch.zeros(2, 2)
+        torch.save(ckpt, path)
     else:
         raise AssertionError(kind)
 
 
-DAMAGE = ["empty", "truncated", "garbage", "text", "list", "weights-only", "wrong-types", "bad-config", "wrong-shapes"]
+DAMAGE = ["empty", "truncated", "garbage", "text", "list", "weights-only", "wrong-types", "bad-config", "wrong-shapes",
+          "wrong-moments"]
 
 
-@pytest.mark.parametrize("kind", DAMAGE)
+@pytest.mark.parametrize("kind", [k for k in DAMAGE if k != "wrong-moments"])  # export reads no optimiser state
 def test_export_of_a_damaged_checkpoint_fails_in_one_line(trained, tmp_path, capsys, kind):
     run = tmp_path / "run"
     run.mkdir()

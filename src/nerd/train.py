@@ -349,6 +349,9 @@ class _Run:
         restore(self.model, ckpt["model"], path, "model")
         if self.ema is not None:
             restore(self.ema, ckpt["ema"], path, "moving average")
+        state = ckpt["optimizer"].get("state") if isinstance(ckpt["optimizer"], dict) else None
+        if isinstance(state, dict):  # AdamW would load mis-shaped moments and fail at its first step instead
+            _check_moments(state, self.model, str(path))
         restore(self.optimizer, ckpt["optimizer"], path, "optimizer state")
         rng = ckpt["rng"]
         try:
