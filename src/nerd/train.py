@@ -385,15 +385,15 @@ class _Run:
             return
         try:
             self.run.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise TrainError(f"cannot create the run folder {self.run}: {err.strerror or err}") from None
-        (self.run / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
-        for name in ("log.csv", "val.csv"):
-            if self.resumed:  # rows logged after the checkpoint are logged again
-                _truncate_csv(self.run / name, self.step)
-            else:  # a fresh run: logs left by an earlier attempt that never checkpointed are stale
-                (self.run / name).unlink(missing_ok=True)
-        (self.run / "machine.json").write_text(json.dumps(self.where, indent=2))
+            (self.run / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+            for name in ("log.csv", "val.csv"):
+                if self.resumed:  # rows logged after the checkpoint are logged again
+                    _truncate_csv(self.run / name, self.step)
+                else:  # a fresh run: logs left by an earlier attempt that never checkpointed are stale
+                    (self.run / name).unlink(missing_ok=True)
+            (self.run / "machine.json").write_text(json.dumps(self.where, indent=2))
+        except OSError as err:  # a read-only or full place: one line, not a traceback
+            raise TrainError(f"cannot write the run folder {self.run}: {err.strerror or err}") from None
 
     def loop(self, limits: _Limits, progress: bool) -> None:
         """Train until the run's length (steps or `train.minutes`), a limit or a signal; then validate if the run

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.render:
         try:
             print(markdown_tables(args.render), end="")
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # not a bench results file
             raise UserError(f"cannot render {args.render}: {err}") from None
         return 0
     check_device(args.device)

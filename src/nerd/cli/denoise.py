@@ -381,10 +381,11 @@ def run(args: argparse.Namespace) -> int:
     ensemble = _number(args.ensemble, "--ensemble", int, 1)
     check_ensemble(ensemble, "--ensemble")
     max_pixels = _number(args.max_pixels, "--max-pixels", int, 0)
-    if max_pixels == 0:
-        from PIL import Image
+    from PIL import Image
 
-        Image.MAX_IMAGE_PIXELS = None  # no limit asked for: Pillow's own bomb check steps aside too
+    # Pillow's own bomb check (a warning above its limit, an error above twice it) follows ours: off with 0, and
+    # never below a limit the user raised
+    Image.MAX_IMAGE_PIXELS = None if max_pixels == 0 else max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
     device = check_device(args.device or default_device())
     files, batch = _inputs(args)  # the paths exist (images are decoded below, after the weights)
     if sigma is None and args.sample:

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from nerd.cli import UserError
-    from nerd.lab.experiments import EXPERIMENTS, ExperimentError, run_experiment
+    from nerd.lab.experiments import EXPERIMENTS, run_experiment
 
     if args.name == "list":
         for e in EXPERIMENTS.values():
@@ -95,14 +95,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     ctx = _context(args)
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
-    from nerd.evaluate import EvalError
-    from nerd.io import ImageError
+    from nerd.errors import NerdError
 
     failed = []
     for name in names:
         try:
             run_experiment(name, ctx)
-        except (ExperimentError, EvalError, ImageError) as err:
+        except NerdError as err:  # any error of the user's: 'all' goes on with the other experiments
             if len(names) == 1:
                 raise UserError(f"{name}: {err}") from None
             failed.append(f"{name}: {err}")  # 'all' goes on with the others
