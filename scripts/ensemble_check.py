@@ -27,12 +27,12 @@ def check(sigma255: float) -> list[dict]:
     """A row per ensemble size: mean PSNR / SSIM and seconds per image (and their change from one solve), with the
     shipped weights of sigma255."""
     from nerd.data.patches import dihedral, load_folder, undo_dihedral, validation_pairs
-    from nerd.evaluate import default_data_root
     from nerd.metrics import psnr, ssim
+    from nerd.paths import data_root
     from nerd.weights import load_weights
 
     model, info = load_weights(f"nerd-s{sigma255:g}")
-    _, val, paths = load_folder(Path(default_data_root()) / "Train400", 8)
+    _, val, paths = load_folder(Path(data_root()) / "Train400", 8)
     scores: dict[int, list[tuple[float, float, float]]] = {n: [] for n in SIZES}
     pairs = validation_pairs(val, sigma255)
     with torch.inference_mode():

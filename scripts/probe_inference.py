@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from nerd.data.patches import PatchSampler, dihedral, load_folder, undo_dihedral, validation_pairs
-from nerd.evaluate import default_data_root
 from nerd.metrics import psnr
+from nerd.paths import data_root
 from nerd.weights import load_weights
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    train, val, _ = load_folder(Path(default_data_root()) / "Train400", 8)
+    train, val, _ = load_folder(Path(data_root()) / "Train400", 8)
     pairs = validation_pairs(val, args.sigma, 0)
     model, info = load_weights(args.weights or f"nerd-s{args.sigma:g}")
     base, attn = model.solver, model.layer.msa

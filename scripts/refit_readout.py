@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from nerd.checkpoint import atomic_save, load_plain
 from nerd.data.patches import load_folder, validation_pairs
-from nerd.evaluate import default_data_root
 from nerd.metrics import psnr
+from nerd.paths import data_root
 from nerd.weights import load_weights, save_weights
 
 
@@ -63,7 +63,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    train, val, _ = load_folder(Path(default_data_root()) / "Train400", 8)
+    train, val, _ = load_folder(Path(data_root()) / "Train400", 8)
     if args.images:
         train = train[: args.images]
     model, info = load_weights(args.weights or f"nerd-s{args.sigma:g}")

@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), float(args.one[2]))))
         return 0
-    from nerd.evaluate import default_data_root
+    from nerd.paths import data_root
 
-    data = args.data or default_data_root()
+    data = args.data or data_root()
     load = os.getloadavg()[0]
     rows = []
     for image in args.images:

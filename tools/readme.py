@@ -252,11 +252,11 @@ def val_reference(sigma255: float, crop: int = 96, holdout: int = 8) -> Path:
     import torch
 
     from nerd.data.patches import load_folder, validation_pairs
-    from nerd.evaluate import default_data_root
     from nerd.models.bm3d import BM3D
     from nerd.models.dncnn import load_dncnn
+    from nerd.paths import data_root
 
-    _, val, _ = load_folder(default_data_root() / "Train400", holdout)
+    _, val, _ = load_folder(data_root() / "Train400", holdout)
     methods = {"noisy": lambda y, s: y, "dncnn": load_dncnn(round(sigma255)).eval(), "bm3d": BM3D()}
     scores = {}
     with torch.no_grad():

@@ -34,7 +34,7 @@ from nerd.io import list_images, load_gray
 from nerd.metrics import psnr, ssim
 from nerd.models.base import Denoiser
 from nerd.models.nerd import DEQDenoiser
-from nerd.paths import DATA_HELP, data_root
+from nerd.paths import DATA_HELP
 from nerd.sigma import check_sigma255, to_unit
 
 Method = Denoiser | Callable[[Tensor, float], Tensor]
@@ -177,11 +177,6 @@ def summary_markdown(reports: Sequence[Report]) -> str:
             f"{m['ssim']:.4f} | {m['seconds']:.2f} | {nfe} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def default_data_root() -> Path:
-    """The data folder with no --data given (`nerd.paths.data_root`)."""
-    return data_root()
 
 
 def resolve_sets(data_root: str | os.PathLike[str], names: Sequence[str]) -> dict[str, list[Path]]:

@@ -39,9 +39,10 @@ from nerd.checkpoint import kept_weights, load_checkpoint, restore, save_checkpo
 from nerd.config import Config, TrainConfig, config_from_dict, config_to_dict
 from nerd.data.patches import PatchSampler, load_folder, validation_pairs
 from nerd.errors import ConfigError, TrainError, WeightsError
-from nerd.evaluate import default_data_root, ieee_fp32
+from nerd.evaluate import ieee_fp32
 from nerd.metrics import psnr_from_mse
 from nerd.models import DEQDenoiser
+from nerd.paths import data_root
 from nerd.sigma import to_unit
 from nerd.weights import save_weights
 
@@ -243,7 +244,7 @@ def _check_moments(moments: dict, model: DEQDenoiser, path: str) -> None:
 def _load_data(t: TrainConfig) -> tuple[list[Tensor], list[Tensor]]:
     """(training images, held-out validation images) of the run's folder, each (1, H, W) in [0, 1];
     DataError when the folder is missing or too small."""
-    train_images, val_images, _ = load_folder(t.data or default_data_root() / "Train400", t.val_images)
+    train_images, val_images, _ = load_folder(t.data or data_root() / "Train400", t.val_images)
     return train_images, val_images
 
 

@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from nerd.cli import UserError, check_device
-    from nerd.evaluate import default_data_root
     from nerd.lab.bench import BenchSettings, markdown_tables, run_bench
+    from nerd.paths import data_root as find_data_root
 
     _check(args)
     if args.render:
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["feval_image"] = args.crop
     overrides["sections"] = tuple(args.sections)
     settings = BenchSettings.standard(args.device, args.quick, **overrides)
-    data_root = Path(args.data) if args.data else default_data_root()
+    data_root = find_data_root(args.data)
     if {"inference", "solvers", "adaptive"} & set(args.sections) and not data_root.is_dir():
         raise UserError(f"data root {data_root} not found (set --data or NERD_DATA)")
     subject = _subject(args, args.device)

@@ -156,16 +156,16 @@ def run(args: argparse.Namespace) -> int:
     from nerd.errors import EvalError
     from nerd.evaluate import (
         Noisy,
-        default_data_root,
         evaluate,
         resolve_sets,
         summary_markdown,
         write_text_atomic,
     )
+    from nerd.paths import data_root as find_data_root
 
     _check(args)
     check_device(args.device)
-    data_root = Path(args.data) if args.data else default_data_root()
+    data_root = find_data_root(args.data)
     sets = resolve_sets(data_root, args.sets)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -52,8 +52,8 @@ def _context(args: argparse.Namespace):  # noqa: ANN202 -- nerd.lab.experiments.
     from pathlib import Path
 
     from nerd.cli import UserError
-    from nerd.evaluate import default_data_root
     from nerd.lab.experiments import Context
+    from nerd.paths import data_root
 
     for flag, value, low in (("--limit", args.limit, 1), ("--steps", args.steps, 1)):
         if value is not None and value < low:
@@ -65,7 +65,7 @@ def _context(args: argparse.Namespace):  # noqa: ANN202 -- nerd.lab.experiments.
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: CUDA is not available")
-    data = Path(args.data) if args.data else default_data_root()
+    data = Path(args.data) if args.data else data_root()
 
     def opt(p: str | None) -> Path | None:
         return Path(p) if p else None

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     from nerd.cli import UserError, check_device, check_sigma
     from nerd.data.patches import load_folder, validation_pairs
-    from nerd.evaluate import default_data_root, write_text_atomic
+    from nerd.evaluate import write_text_atomic
+    from nerd.paths import data_root
     from nerd.train import validate
     from nerd.weights import load_weights
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--json {args.json}: its folder does not exist")
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, val_images, val_paths = load_folder(args.data or default_data_root() / "Train400", args.val_images)
+    _, val_images, val_paths = load_folder(args.data or data_root() / "Train400", args.val_images)
     device = torch.device(args.device)
     rows, pairs_by_sigma = [], {}
     for name in args.weights:
