@@ -661,6 +661,27 @@ def budget_table() -> str:
     return "\n".join(lines)
 
 
+def large_image_table() -> str:
+    """results/bench/large-image.json (`scripts/large_image_check.py`): the whole `nerd denoise` process on large
+    synthetic photos, its peak resident size beside the tile planner's estimate."""
+    path = RESULTS / "bench" / "large-image.json"
+    if not path.is_file():
+        return "_not measured yet: `python scripts/large_image_check.py`_"
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    sizes = " ".join(f"{r['megapixels']:.0f}" for r in rows)
+    lines = [f"`python scripts/large_image_check.py --megapixels {sizes} --tile {rows[0]['tile']} "
+             f"--iters {rows[0]['iters']}`"
+             f" ({data['meta']['weights']}, torch {data['meta']['torch']}, {data['meta']['threads']} threads):", "",
+             "| image | megapixels | tiles | peak resident (GiB) | estimate (GiB) | peak / estimate | seconds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['width']}x{r['height']} | {r['megapixels']:.1f} | {r['tiles']} of "
+                     f"{r['tile_shape'][1]}x{r['tile_shape'][0]} | {r['peak_mib'] / 1024:.2f} | "
+                     f"{r['estimate_mib'] / 1024:.2f} | {r['peak_over_estimate']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 # Each block's maker takes the folder of the page that shows it (for the links inside the block).
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "results": lambda base: results_table(),
@@ -678,6 +699,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "ensemble": lambda base: ensemble_table(),
     "solver-stats": lambda base: solver_table(),
     "budget": lambda base: budget_table(),
+    "large-image": lambda base: large_image_table(),
     "speed-now": lambda base: _optional("nerd.lab.bench_report", "markdown_tables", RESULTS / "bench" / "after-malloc"
                                         / "bench-cpu.json", _link(RESULTS / "bench" / "after-malloc", base), 3),
     "experiments": lambda base: _optional("nerd.lab.experiments", "markdown_summary", RESULTS / "experiments", base),

@@ -312,5 +312,5 @@ def describe(summary: DenoiseSummary) -> str:
         size += f" x {summary.channels} channels"
     if summary.ensemble > 1:
         size += f" x {summary.ensemble} symmetries"
-    iterations = f"{'up to ' if summary.several else ''}{summary.nfe} iterations"
+    iterations = f"{'up to ' if summary.several else ''}{summary.nfe} iteration{'s' * (summary.nfe != 1)}"
     return f"{size}, {iterations}, {convergence(summary)}, {summary.seconds:.2f} s"
