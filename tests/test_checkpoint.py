@@ -260,3 +260,16 @@ def test_committed_checkpoints_load_safely():
         ckpt = load_checkpoint(path)
         cfg = config_from_dict(ckpt["config"])
         DEQDenoiser(cfg.model, solver=cfg.solver, grad=cfg.grad).load_state_dict(kept_weights(ckpt))
+
+
+def test_export_refuses_a_folder_as_out_and_scores_that_are_not_an_object(trained, tmp_path, capsys):
+    """Tracebacks once: --out naming a folder, --scores holding a JSON list."""
+    (tmp_path / "folder.safetensors").mkdir()
+    assert main(["export", str(trained), "--out", str(tmp_path / "folder.safetensors")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    scores = tmp_path / "scores.json"
+    scores.write_text("[1, 2]")
+    assert main(["export", str(trained), "--out", str(tmp_path / "w.safetensors"), "--scores", str(scores)]) == 2
+    err = capsys.readouterr().err
+    assert "JSON object" in err and err.count("\n") == 1
+    assert not (tmp_path / "w.safetensors").exists()

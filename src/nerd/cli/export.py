@@ -7,6 +7,7 @@ ONNX graph of exactly N Broyden iterations, weight norm folded, dynamic height a
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,9 +65,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
                         f"export the run to .safetensors first")
     if args.last or args.scores:
         raise UserError("--last and --scores apply to a run's safetensors export, not to --format onnx")
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise UserError(f"output folder not found: {out.parent}")
+    out = _check_out(args.out)
     require("onnx")  # before loading weights and tracing: the one-line install hint
     from nerd.weights import load_weights
 
@@ -96,12 +95,16 @@ def _run_safetensors(args: argparse.Namespace) -> int:
     run_dir = src.parent if from_pt else src
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
+    _check_out(args.out)
     extra = {}
     if args.scores:
         try:
             extra = json.loads(Path(args.scores).read_text())
         except (OSError, ValueError) as err:
-            raise UserError(f"cannot read scores {args.scores}: {err}") from None
+            raise UserError(f"cannot read scores {args.scores}: {' '.join(str(err).split())}") from None
+        if not isinstance(extra, dict):
+            raise UserError(f"--scores {args.scores}: a JSON object of named figures is needed, not a "
+                            f"{type(extra).__name__}")
     best = run_dir / "best.safetensors"
     if not (args.last or from_pt) and best.exists():
         model, info = load_weights(best)
@@ -123,7 +126,27 @@ def _run_safetensors(args: argparse.Namespace) -> int:
         sigma = cfg.train.sigma[0]
     where = run_dir / "machine.json"  # runs trained before train.py wrote it into the metadata itself
     if "machine" not in train_meta and where.is_file():
-        train_meta = {**train_meta, "machine": json.loads(where.read_text())}
-    digest = save_weights(model, args.out, sigma255=sigma, scores=scores, train=train_meta)
+        try:
+            train_meta = {**train_meta, "machine": json.loads(where.read_text())}
+        except (OSError, ValueError):  # a damaged note of where it trained: the weights are still the weights
+            train_meta = {**train_meta, "machine": "unreadable machine.json"}
+    try:
+        digest = save_weights(model, args.out, sigma255=sigma, scores=scores, train=train_meta)
+    except OSError as err:  # a full disk or a read-only folder, after the loading: still one line
+        raise UserError(f"cannot write {args.out}: {err.strerror or err}") from None
     print(f"wrote {args.out} (sigma {sigma:g}, sha256 {digest[:16]}..., scores {scores})")
     return 0
+
+
+def _check_out(out: str) -> Path:
+    """The output path, refused in one line when it is a folder or its folder does not exist."""
+    from pathlib import Path
+
+    from nerd.cli import UserError
+
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name")
+    if not path.resolve().parent.is_dir():
+        raise UserError(f"output folder not found: {path.parent}")
+    return path
