@@ -332,14 +332,14 @@ def _sigmas_of(files: tuple[tuple[str, Path], ...]) -> dict[str, float]:
 
 
 def _nearest_shipped(sigma: float) -> str:
-    """Name of the shipped weights whose training sigma is nearest `sigma` (on a tie the higher sigma: weights
-    for a little more noise than there is cost less PSNR than the other way round)."""
+    """Name of the shipped weights whose training sigma is nearest `sigma` (`nerd.weights.nearest`)."""
     from nerd.cli import UserError
+    from nerd.weights import nearest
 
     trained = _shipped_sigmas()
     if not trained:
         raise UserError("no shipped weights are installed to choose from; give --weights NAME|PATH")
-    return min(trained, key=lambda name: (abs(trained[name] - sigma), -trained[name]))
+    return nearest(sigma, trained)
 
 
 def _load(name: str, device: str, cache: dict[str, tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any]]:

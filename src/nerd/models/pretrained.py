@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from nerd.config import SolverConfig
 from nerd.errors import ConfigError, ImageError, WeightsError
 from nerd.sigma import check_sigma255, to_255
+from nerd.weights import nearest
 
 try:  # deepinv is optional (pip install 'nerd[deepinv]'); a deepinv that cannot load is treated as absent
     from deepinv.models import Denoiser as _Base
@@ -37,11 +38,6 @@ except (ImportError, RuntimeError, OSError) as _err:  # RuntimeError / OSError: 
     _Base = nn.Module  # type: ignore[assignment,misc]
     DEEPINV = False
     DEEPINV_ERROR = f"{type(_err).__name__}: {_err}"
-
-
-def nearest(sigma255: float, trained: dict[str, float]) -> str:
-    """The name in `trained` ({name: training sigma}) nearest `sigma255`, a tie to the higher sigma."""
-    return min(trained, key=lambda name: (abs(trained[name] - sigma255), -trained[name]))
 
 
 class NERD(_Base):  # type: ignore[misc,valid-type]

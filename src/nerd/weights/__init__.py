@@ -45,6 +45,12 @@ def shipped() -> dict[str, Path]:
     return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))}
 
 
+def nearest(sigma255: float, trained: dict[str, float]) -> str:
+    """The name in `trained` ({name: training sigma, 0-255}) nearest `sigma255`; on a tie the higher sigma (weights
+    for a little more noise than there is cost less PSNR than the other way round)."""
+    return min(trained, key=lambda name: (abs(trained[name] - sigma255), -trained[name]))
+
+
 def default_name(sigma255: float) -> str:
     return f"nerd-s{round(sigma255)}"
 
