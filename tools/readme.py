@@ -682,6 +682,24 @@ def large_image_table() -> str:
     return "\n".join(lines)
 
 
+def onnx_table() -> str:
+    """results/bench/onnx.json (`scripts/onnx_check.py`): the ONNX export beside PyTorch on the same images."""
+    path = RESULTS / "bench" / "onnx.json"
+    if not path.is_file():
+        return "_not measured yet: `python scripts/onnx_check.py`_"
+    data = json.loads(path.read_text())
+    m = data["meta"]
+    lines = [f"`{m['command'].strip()}` ({m['weights']}, {m['iters']} iterations, tol {m['tol']:g}; "
+             f"torch {m['torch']}, onnxruntime {m['onnxruntime']}, {m['threads']} threads each on {m['device_name']}, "
+             f"medians of {m['repeats']} interleaved runs; export {m['export_s']:.0f} s, file {m['onnx_mib']:.1f} MiB):", "",
+             "| image | PyTorch (s) | ONNX Runtime (s) | ORT / PyTorch time | max abs difference | in 1/255 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in data["rows"]:
+        lines.append(f"| {r['image']} | {r['pytorch_s']:.2f} | {r['ort_s']:.2f} | {r['ort_s'] / r['pytorch_s']:.2f}× "
+                     f"| {r['max_abs_diff']:.1e} | {r['max_abs_diff_255']:.3f} |")
+    return "\n".join(lines)
+
+
 # Each block's maker takes the folder of the page that shows it (for the links inside the block).
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "results": lambda base: results_table(),
@@ -700,6 +718,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "solver-stats": lambda base: solver_table(),
     "budget": lambda base: budget_table(),
     "large-image": lambda base: large_image_table(),
+    "onnx": lambda base: onnx_table(),
     "speed-now": lambda base: _optional("nerd.lab.bench_report", "markdown_tables", RESULTS / "bench" / "after-malloc"
                                         / "bench-cpu.json", _link(RESULTS / "bench" / "after-malloc", base), 3),
     "experiments": lambda base: _optional("nerd.lab.experiments", "markdown_summary", RESULTS / "experiments", base),
