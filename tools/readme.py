@@ -691,7 +691,8 @@ def onnx_table() -> str:
     m = data["meta"]
     lines = [f"`{m['command'].strip()}` ({m['weights']}, {m['iters']} iterations, tol {m['tol']:g}; "
              f"torch {m['torch']}, onnxruntime {m['onnxruntime']}, {m['threads']} threads each on {m['device_name']}, "
-             f"medians of {m['repeats']} interleaved runs; export {m['export_s']:.0f} s, file {m['onnx_mib']:.1f} MiB):", "",
+             f"medians of {m['repeats']} interleaved runs; export {m['export_s']:.0f} s, "
+             f"file {m['onnx_mib']:.1f} MiB):", "",
              "| image | PyTorch (s) | ONNX Runtime (s) | ORT / PyTorch time | max abs difference | in 1/255 |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in data["rows"]:
