@@ -121,6 +121,7 @@ def denoise_image(
     overlap: int | None = None,
     ensemble: int = 1,
     progress: bool = False,
+    colour_weights: Any = None,
 ) -> tuple[np.ndarray, DenoiseSummary]:
     """Denoise one grayscale image with a DEQDenoiser, whole or in overlapping tiles, optionally self-ensembled; a
     colour image's channels as one batch of grayscale planes.
@@ -140,6 +141,10 @@ def denoise_image(
         ensemble: 1 (default), 2, 4 or 8: the mean of that many solves of each tile (or of the whole image), each
             on one of the square's symmetries (`nerd.models.ensemble`); n times the time, the memory of one solve.
         progress: a progress bar over the solves' f-evaluations (stderr).
+        colour_weights: for an RGB (H, W, 3) image, a `nerd.colour.ColourWeights` (the gray weights to choose from, e.g.
+            `ColourWeights.shipped()`): the image goes through `nerd.colour`'s shipped transform (opponent planes,
+            each with the weights for its own noise level; `model` is then unused), one batched solve per weights
+            file. None: R, G, B with `model`, one batch.
 
     Returns:
         (x_hat, summary): x_hat float32 (H, W) (or (H, W, C)) clipped to [0, 1]; a `DenoiseSummary`.
@@ -156,18 +161,26 @@ def denoise_image(
                          f"shape {y.shape}")
     if not np.isfinite(y).all():
         raise ImageError("image has NaN or infinite pixels")
+    sigma255, ensemble = check_sigma255(sigma255), check_ensemble(ensemble)
+    if colour and y.shape[2] == 3 and colour_weights is not None:  # nerd.colour: transform, planes, inverse
+        from nerd.colour import denoise_with
+
+        return denoise_with(colour_weights, y, sigma255, lambda m, planes: _denoise_planes(
+            m, planes, sigma255, solver=solver, device=device, tile=tile, overlap=overlap, ensemble=ensemble,
+            progress=progress, clip=False))
     planes = np.ascontiguousarray(np.moveaxis(y, -1, 0)) if colour else y[None]  # (C, H, W)
-    x_hat, summary = _denoise_planes(model, planes, check_sigma255(sigma255), solver=solver, device=device,
-                                     tile=tile, overlap=overlap, ensemble=check_ensemble(ensemble), progress=progress)
+    x_hat, summary = _denoise_planes(model, planes, sigma255, solver=solver, device=device,
+                                     tile=tile, overlap=overlap, ensemble=ensemble, progress=progress)
     return (np.ascontiguousarray(np.moveaxis(x_hat, 0, -1)) if colour else x_hat[0]), summary
 
 
 def _denoise_planes(
     model: Any, planes: np.ndarray, sigma255: float, *, solver: Any, device: str | None, tile: int | None,
-    overlap: int | None, ensemble: int, progress: bool,
+    overlap: int | None, ensemble: int, progress: bool, clip: bool = True,
 ) -> tuple[np.ndarray, DenoiseSummary]:
     """`denoise_image` of a checked float32 (C, H, W) stack of planes: the grayscale model solves the C planes of
-    each tile as one batch (every sample of a solve is its own problem: the result is the per-plane one)."""
+    each tile as one batch (every sample of a solve is its own problem: the result is the per-plane one). `clip`
+    False leaves the estimates unclipped (colour-transform planes, clipped in RGB after the inverse)."""
     import torch
 
     from nerd import allocator
@@ -221,7 +234,7 @@ def _denoise_planes(
                         del x
             x = acc if norm is None else acc / norm
             finite = bool(torch.isfinite(x).all())
-            x_hat = x.clamp(0.0, 1.0).cpu().numpy()
+            x_hat = (x.clamp(0.0, 1.0) if clip else x).cpu().numpy()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start
