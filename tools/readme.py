@@ -123,6 +123,142 @@ def results_table() -> str:
     return "\n".join(lines)
 
 
+# --- colour (nerd.colour; `nerd eval` on CBSD68 / Kodak24; scripts/colour_study.py)
+
+COLOUR_SETS, COLOUR_SIGMAS = ("CBSD68", "Kodak24"), (15, 25, 50)
+# CBM3D's published CBSD68 figures (quoted in ../shared/data/README.md from the FFDNet / DRUNet tables), for reading
+# beside the measured ones only.
+CBM3D_PUBLISHED = {("CBSD68", 15): 33.52, ("CBSD68", 25): 30.71, ("CBSD68", 50): 27.38}
+
+
+def _colour_reports() -> dict[tuple[str, str, int], dict]:
+    """Colour `nerd eval` results by (method, set, sigma), from reports and from the partial files of runs not
+    finished yet (the one with more images where both exist): method "nerd:<colour method>" for NERD with the
+    shipped weights as they are now, "cbm3d". Each value: {"rows": {image: row}, "meta": ..., "complete": bool}."""
+    from nerd.evaluate import check_row, digest
+    from nerd.weights import read_metadata, shipped
+
+    shipped_sha = {name: read_metadata(path)["sha256"] for name, path in shipped().items()}
+    found: dict[tuple[str, str, int], dict] = {}
+    for path in sorted((RESULTS / "eval").glob("eval-*-s*.json*")):
+        if not (path.name.endswith(".json") or path.name.endswith(".json.partial")):
+            continue
+        try:
+            data = json.loads(path.read_text())
+            if path.name.endswith(".partial"):
+                key = json.loads(data["key"])
+                meta, rows, set_name, sigma, method = key, data["rows"], key["set"], key["sigma"], key["method"]
+                rows = [{k: v for k, v in r.items() if k != "sha256"} for r in rows
+                        if r.get("sha256") == digest(data["key"], {k: v for k, v in r.items() if k != "sha256"})]
+            else:
+                meta, rows, set_name, sigma, method = (data["meta"], data["rows"], data["set"], data["sigma"],
+                                                       data["method"])
+                if data.get("limit") or data.get("rows_sha256") != digest(rows):
+                    continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not meta.get("colour"):
+            continue
+        if method == "nerd":
+            used = meta.get("weights_sha256") or {}
+            if not used or any(shipped_sha.get(name) != sha for name, sha in used.items()):
+                continue  # weights since replaced, or not shipped ones
+            method = f"nerd:{meta.get('colour_method')}"
+        rows = {r["name"]: r for r in rows if not isinstance(check_row(r), str)}
+        k = (method, set_name, round(sigma))
+        if rows and len(rows) > len(found.get(k, {}).get("rows", {})):
+            found[k] = {"rows": rows, "meta": meta, "complete": path.name.endswith(".json")}
+    return found
+
+
+def colour_table(full: bool = False) -> str:
+    """NERD on the colour sets with the shipped colour method and with R, G, B each on its own, beside CBM3D, every
+    mean over the same images (those all three have finished: a set not finished yet says how many of how many)."""
+    from nerd.colour import SHIPPED
+
+    found = _colour_reports()
+    cols = [f"nerd:{SHIPPED}", "nerd:rgb", "cbm3d"]
+    head = (f"| set | σ | images | NERD colour (`{SHIPPED}`, shipped) | NERD per-channel RGB | CBM3D | "
+            "NERD − CBM3D (dB) | CBM3D (published) |")
+    if full:
+        head += " NERD iterations | s/image NERD / RGB / CBM3D | NERD ahead of CBM3D on |"
+    lines = [head, "| --- | ---: | ---: |" + " ---: |" * (5 + 3 * full)]
+    for set_name in COLOUR_SETS:
+        total = len(list((Path(os.environ.get("NERD_DATA") or ROOT / ".." / "shared" / "data") / set_name)
+                         .glob("*.png")))
+        for sigma in COLOUR_SIGMAS:
+            reps = [found.get((c, set_name, sigma)) for c in cols]
+            if not any(reps):
+                continue
+            common = set.intersection(*(set(r["rows"]) for r in reps if r))
+            if not common:
+                continue
+
+            def mean(rep: dict | None, what: str = "psnr") -> float | None:
+                return sum(rep["rows"][n][what] for n in common) / len(common) if rep else None
+
+            def cell(rep: dict | None) -> str:
+                return f"{mean(rep):.2f} / {mean(rep, 'ssim'):.4f}" if rep else "not measured"
+
+            n = len(common)
+            images = f"{n}" + (f" of {total}" if total and n < total else "")
+            gap = f"{mean(reps[0]) - mean(reps[2]):+.2f}" if reps[0] and reps[2] else "–"
+            pub = CBM3D_PUBLISHED.get((set_name, sigma))
+            row = [set_name, str(sigma), images, *(cell(r) for r in reps), gap, f"{pub:.2f}" if pub else "–"]
+            if full:
+                nfe = mean(reps[0], "nfe") if reps[0] else None
+                row.append(f"{nfe:.1f}" if nfe is not None else "–")
+                row.append(" / ".join(f"{mean(r, 'seconds'):.1f}" if r else "–" for r in reps))
+                if reps[0] and reps[2]:
+                    ahead = sum(reps[0]["rows"][i]["psnr"] > reps[2]["rows"][i]["psnr"] for i in common)
+                    row.append(f"{ahead} of {n}")
+                else:
+                    row.append("–")
+            lines.append("| " + " | ".join(row) + " |")
+    if len(lines) == 2:
+        return "_not measured yet: `nerd eval --method nerd --sets CBSD68 Kodak24 --sigma 25` (and `--method cbm3d`)_"
+    return "\n".join(lines)
+
+
+def colour_study_table() -> str:
+    """results/colour/study.json (`scripts/colour_study.py`): every colour method on Kodak24 crops, per sigma, the
+    mean over the images every method has, against per-channel RGB."""
+    path = RESULTS / "colour" / "study.json"
+    if not path.is_file():
+        return "_not measured yet: `python scripts/colour_study.py`_"
+    data = json.loads(path.read_text())
+    meta, out = data["meta"], []
+    for sigma in sorted({r["sigma"] for r in data["rows"]}):
+        rows = [r for r in data["rows"] if r["sigma"] == sigma]
+        by: dict[str, dict[str, dict]] = {}
+        for r in rows:
+            by.setdefault(r["method"], {})[r["image"]] = r
+        full = max(len(v) for v in by.values())
+        commands = "; ".join(f"`{c}`" for c in meta.get("commands") or [meta["command"]])
+        out += [f"σ = {sigma:g}, by {commands} ({meta['set']}, {meta['crop']}×{meta['crop']} centre crops; "
+                f"{meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s); NERD at the iteration budget "
+                f"{', '.join(f'{k} {v}' for k, v in meta['budget'].items())}):", "",
+                "| method | images | PSNR (dB) | − per-channel RGB, same images (dB) | s/image | planes → weights | "
+                "solves |", "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+        rgb = by.get("rgb", {})
+        table = []
+        for name, imgs in by.items():
+            psnr = sum(r["psnr"] for r in imgs.values()) / len(imgs)
+            both = [i for i in imgs if i in rgb]
+            delta = (sum(imgs[i]["psnr"] - rgb[i]["psnr"] for i in both) / len(both)) if both and name != "rgb" else None
+            secs = sum(r["seconds"] for r in imgs.values()) / len(imgs)
+            first = next(iter(imgs.values()))
+            planes = ", ".join(f"{p[0]} {p[1]:.1f} → {p[2] or 'guided filter'}" for p in first.get("planes", [])) or "–"
+            solves = str(first.get("solves", "–"))
+            n = f"{len(imgs)}" + (f" of {full}" if len(imgs) < full else "")
+            table.append((psnr if len(imgs) == full else -1, f"| `{name}` | {n} | {psnr:.3f} | "
+                          f"{'–' if delta is None else f'{delta:+.3f}'} | {secs:.1f} | {planes} | {solves} |"))
+        out += [line for _, line in sorted(table, key=lambda t: -t[0])] + [""]
+    out.append(f"Weights: {', '.join(f'{k} `{v[:12]}`' for k, v in meta['weights_sha256'].items())}. {meta['protocol']}. "
+               f"Seconds: {meta['seconds_note']}.")
+    return "\n".join(out)
+
+
 def vs_bm3d_table() -> str:
     """Per image, the shipped NERD against BM3D wherever both scored a whole set: the mean gap, on how many images
     NERD is ahead, and the median / worst per-image difference (a mean alone hides whether a few images carry it)."""
@@ -704,6 +840,9 @@ def onnx_table() -> str:
 # Each block's maker takes the folder of the page that shows it (for the links inside the block).
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "results": lambda base: results_table(),
+    "colour": lambda base: colour_table(),
+    "colour-full": lambda base: colour_table(full=True),
+    "colour-study": lambda base: colour_study_table(),
     "vs-bm3d": lambda base: vs_bm3d_table(),
     "ensemble-eval": lambda base: ensemble_eval_table(),
     "training-compare": lambda base: training_table("cpu-"),

@@ -21,7 +21,8 @@ The methods measured (scripts/colour_study.py; docs/evaluation.md, "Colour"):
   ``opp-noofs``: chroma without the +1/2 offset (centred on 0).
 - ``ycbcr``: ITU-R 601 full-range YCbCr (Y, Cb + 1/2, Cr + 1/2); rows not orthogonal (correlated plane noise).
 - ``opp-guided-rR-eE``: only Y goes through NERD; each chroma plane is the guided filter (He et al. 2010, radius R,
-  eps E on the [0, 1] scale) of its noisy plane guided by the denoised Y: one plane solved instead of three.
+  regulariser eps = E (sigma/255)^2, sigma each RGB channel's) of its noisy plane guided by the denoised Y: one
+  plane solved instead of three.
 
 `SHIPPED` names the one `nerd denoise --colour`, `nerd eval` (colour sets) and `nerd.NERD` use.
 """
@@ -112,7 +113,8 @@ class ColourMethod:
         factors: per plane, the multiple of its noise std at which its weights are chosen (1: the nearest).
         chroma: "nerd" (every plane through NERD) or "guided" (only plane 0; planes 1, 2 by the guided filter
             guided by the denoised plane 0).
-        radius, eps: the guided filter's window radius (pixels) and regulariser ([0, 1] scale, squared units).
+        radius, eps: the guided filter's window radius (pixels) and regulariser, in units of the RGB noise
+            variance (sigma/255)^2 (so one setting follows the noise level).
     """
 
     name: str
@@ -143,11 +145,11 @@ METHODS: dict[str, ColourMethod] = {m.name: m for m in (
     _opp_k(1.5), _opp_k(3.0),
     ColourMethod("opp-noofs", OPPONENT_NO_OFFSET),
     ColourMethod("ycbcr", YCBCR),
-    _guided(2, 1e-3), _guided(4, 1e-3), _guided(4, 1e-2), _guided(8, 1e-3), _guided(8, 1e-2),
+    *(_guided(r, e) for r in (2, 3, 4, 5, 6, 8) for e in (0.03, 0.1, 0.3, 1.0)),
 )}
 # The method of `nerd denoise --colour`, `nerd eval` on colour sets and `nerd.NERD` on 3-channel input, chosen on
 # Kodak24 crops (scripts/colour_study.py, results/colour/study.json).
-SHIPPED = "opp"
+SHIPPED = "opp-guided-r4-e0.1"
 
 
 def method(name: str | ColourMethod | None = None) -> ColourMethod:
@@ -270,7 +272,7 @@ def denoise_colour(y: np.ndarray, sigma255: float, trained: Mapping[str, float],
         summaries.append(summary)
     if m.chroma == "guided":
         for k in (1, 2):
-            out[k] = guided_filter(out[0], planes[k], m.radius, m.eps)
+            out[k] = guided_filter(out[0], planes[k], m.radius, m.eps * (sigma255 / 255.0) ** 2)
     x_hat = np.clip(m.transform.inverse(out), 0.0, 1.0)
     return x_hat.astype(np.float32, copy=False), summaries, p
 
@@ -331,6 +333,38 @@ def denoise_with(weights: ColourWeights, y: np.ndarray, sigma255: float,
     return x_hat, merge_summaries(summaries)
 
 
+# Entries of a gray DEQDenoiser's state dict whose shape follows the image channels: the injection's input
+# BatchNorm and first conv, the decoder's last conv.
+_INPUT_BN = "inject.body.0."
+_INPUT_CONV = "inject.body.1.weight"
+_OUTPUT_CONV = ("decode.body.2.weight", "decode.body.2.bias")
+
+
+def colour_state_from_gray(state: Mapping[str, Any], channels: int = 3) -> dict[str, Any]:
+    """A `channels`-channel NERD's state dict from a gray one's, to start colour training from gray weights.
+
+    Everything but the image-facing ends is shared as is. The input BatchNorm's per-channel entries are repeated;
+    the injection's first conv reads each channel with 1/channels of the gray kernel (a gray image given as
+    `channels` equal planes then injects exactly what the gray model injects); the decoder's last conv is repeated
+    for each output channel (each predicts the gray model's noise). So on a gray picture replicated in RGB the
+    colour model starts out as the gray one, in every channel.
+
+    Args:
+        state: a gray (in_channels 1) `DEQDenoiser` state dict.
+        channels: the colour model's image channels (3).
+    """
+    out = dict(state)
+    for key, value in state.items():
+        if key.startswith(_INPUT_BN) and getattr(value, "ndim", 0) == 1 and value.shape[0] == 1:
+            out[key] = value.repeat(channels)
+    if _INPUT_CONV in state:
+        out[_INPUT_CONV] = state[_INPUT_CONV].repeat(1, channels, 1, 1) / channels
+    for key in _OUTPUT_CONV:
+        if key in state:
+            out[key] = state[key].repeat(channels, *([1] * (state[key].ndim - 1)))
+    return out
+
+
 __all__ = ["METHODS", "OPPONENT", "RGB", "SHIPPED", "YCBCR", "ColourMethod", "ColourPlan", "ColourTransform",
-           "ColourWeights", "PlaneChoice", "box_mean", "denoise_colour", "denoise_with", "guided_filter",
+           "ColourWeights", "PlaneChoice", "box_mean", "colour_state_from_gray", "denoise_colour", "denoise_with", "guided_filter",
            "merge_summaries", "method", "plan"]

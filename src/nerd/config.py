@@ -122,6 +122,9 @@ PRESETS: dict[str, ModelConfig] = {
     # CPU-sized: narrower features and a neighbourhood matched to small training crops.
     "m": ModelConfig(channels=64, heads=4, window=41),
     "s": ModelConfig(channels=48, heads=3, window=33),
+    # "s" for RGB images (3 channels in and out): the shipped gray weights' shapes except the image-facing ends, so
+    # it trains from them (`nerd.colour.colour_state_from_gray`; configs/gpu/nerd-c25-gpu.toml).
+    "s-colour": ModelConfig(channels=48, heads=3, window=33, in_channels=3),
     "xs": ModelConfig(channels=32, heads=2, window=25),
     # For tests: a few thousand parameters.
     "tiny": ModelConfig(channels=8, heads=2, window=7, expansion=2),

@@ -133,7 +133,7 @@ class Report:
             # such a report out of its summary.
             "rows_sha256": digest([asdict(r) for r in self.rows]),
             "meta": self.meta,
-            "protocol": PROTOCOL,
+            "protocol": COLOUR_PROTOCOL if self.meta.get("colour") else PROTOCOL,
         }
 
     def to_json(self) -> str:
@@ -512,3 +512,136 @@ def evaluate(
     bar.close()
     return Report(name, set_name, float(sigma255), rows, limit, info)
 
+
+
+# --- colour sets (CBSD68, Kodak24): the colour protocol of ../shared/data/README.md
+
+COLOUR_SETS = ("CBSD68", "Kodak24")
+COLOUR_PROTOCOL = ("x = RGB pixel/255 (H, W, 3); y = x + sigma/255 * RandomState(0).randn(H, W, 3) per image, the same "
+                   "sigma in each channel, not clipped; x_hat clipped to [0,1]; PSNR float64 over the three channels; "
+                   "SSIM the mean of the three channels' (skimage gaussian_weights sigma 1.5 use_sample_covariance "
+                   "False)")
+# A colour method: (noisy float32 (H, W, 3) on [0, 1], sigma255) -> (x_hat (H, W, 3), (nfe, rel residual, converged)
+# or None for a method without an equilibrium solver).
+ColourMethod = Callable[[np.ndarray, float], tuple[np.ndarray, tuple[int, float, bool] | None]]
+
+
+def is_colour_set(name: str, images: Sequence[str | os.PathLike[str]] = ()) -> bool:
+    """A colour set: one of COLOUR_SETS, or a set whose first image (by name) is stored as RGB(A)."""
+    if name in COLOUR_SETS:
+        return True
+    if not images:
+        return False
+    from PIL import Image
+
+    first = sorted((Path(p) for p in images), key=lambda p: p.name)[0]
+    with Image.open(first) as im:
+        return im.mode in ("RGB", "RGBA", "P") and _rgb_differs(im)
+
+
+def _rgb_differs(im: Any) -> bool:
+    """Whether a PIL image has colour (its R, G, B planes differ somewhere)."""
+    a = np.asarray(im.convert("RGB"))
+    return bool((a[..., 0] != a[..., 1]).any() or (a[..., 1] != a[..., 2]).any())
+
+
+def load_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """float64 (H, W, 3) on [0, 1] of an 8-bit RGB(A) image (alpha dropped; a gray file replicated)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+
+
+def ssim_rgb(x_hat: np.ndarray, x: np.ndarray) -> float:
+    """The mean over R, G, B of the protocol's SSIM."""
+    return float(np.mean([ssim(x_hat[..., c], x[..., c]) for c in range(x.shape[-1])]))
+
+
+def evaluate_colour(
+    method: ColourMethod,
+    images: Sequence[str | os.PathLike[str]],
+    sigma255: float,
+    *,
+    set_name: str,
+    method_name: str,
+    progress: bool = True,
+    limit: int | None = None,
+    meta: dict[str, Any] | None = None,
+    partial: str | os.PathLike[str] | None = None,
+    solver: bool = False,
+) -> Report:
+    """`evaluate` for a colour set under COLOUR_PROTOCOL: each image read as RGB, its noise drawn (H, W, 3) from
+    seed 0, `method(y, sigma255)` timed, PSNR / SSIM over the three channels. The partial file works as in
+    `evaluate` (its key holds COLOUR_PROTOCOL, so no gray row is ever reused for a colour one).
+
+    Args:
+        solver: the method reports solver statistics (nfe, residual, converged) for every image.
+    """
+    from tqdm import tqdm
+
+    sigma255 = check_sigma255(sigma255)
+    paths = sorted((Path(p) for p in images), key=lambda p: p.name)[:limit]
+    if not paths:
+        raise EvalError(f"no images to evaluate in set {set_name!r}")
+    info: dict[str, Any] = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                            "colour": True}
+    info.update(meta or {})
+    key = _partial_key({"method": method_name, "set": set_name, "sigma": float(sigma255),
+                        "protocol": COLOUR_PROTOCOL, **info})
+    done, note = _read_partial(partial, key, {p.name for p in paths}, solver)
+    if note:
+        print(f"note: {partial}: {note}", file=sys.stderr)
+    if partial is not None:
+        info["resumed_rows"] = sum(p.name in done for p in paths)
+    rows: list[Row] = []
+    bar = tqdm(paths, desc=f"{method_name} {set_name} s{sigma255:g}", unit="img", file=sys.stderr,
+               disable=not progress or not sys.stderr.isatty(), leave=False)
+    for path in bar:
+        if path.name in done:
+            rows.append(done[path.name])
+            continue
+        x = load_rgb(path)
+        if min(x.shape[:2]) < SSIM_MIN_SIDE:
+            raise EvalError(f"{path}: {x.shape[0]}x{x.shape[1]} is smaller than SSIM's 11x11 window")
+        y = protocol_noisy(x, sigma255).astype(np.float32)  # RandomState(0).randn(H, W, 3)
+        start = time.perf_counter()
+        x_hat, stats = method(y, sigma255)
+        seconds = time.perf_counter() - start
+        x_hat = np.clip(np.asarray(x_hat, dtype=np.float64), 0.0, 1.0)
+        nfe, residual, converged = stats if stats is not None else (None, None, None)
+        row = Row(path.name, psnr(x_hat, x), ssim_rgb(x_hat, x), seconds, nfe, residual, converged)
+        bad = [f"{k} {v}" for k, v in asdict(row).items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise EvalError(f"{path}: {method_name} gave a non-finite {', '.join(bad)}; no report written")
+        rows.append(row)
+        bar.set_postfix(psnr=f"{np.mean([r.psnr for r in rows]):.2f}")
+        if partial is not None:
+            done[path.name] = row
+            _write_partial(partial, key, list(done.values()))
+        allocator.release()
+    bar.close()
+    report = Report(method_name, set_name, float(sigma255), rows, limit, info)
+    return report
+
+
+def cbm3d(y: np.ndarray, sigma255: float) -> tuple[np.ndarray, None]:
+    """CBM3D (`bm3d.bm3d_rgb`, its default opponent colour space, one thread) of a noisy (H, W, 3) image."""
+    import bm3d
+
+    profile = bm3d.BM3DProfile()
+    profile.num_threads = 1
+    return np.asarray(bm3d.bm3d_rgb(np.asarray(y, dtype=np.float64), sigma255 / 255.0, profile=profile)), None
+
+
+def nerd_colour(weights: Any, solver: SolverConfig | None = None, device: str = "cpu") -> ColourMethod:
+    """NERD on a colour image through `nerd.colour` (`weights`: a `nerd.colour.ColourWeights`), every solve with
+    `solver` (None: each file's own)."""
+    from nerd.denoise import denoise_image
+
+    def run(y: np.ndarray, sigma255: float) -> tuple[np.ndarray, tuple[int, float, bool]]:
+        with ieee_fp32():
+            x_hat, summary = denoise_image(None, y, sigma255, solver=solver, device=device, colour_weights=weights)
+        return x_hat, (int(summary.nfe), float(summary.rel_residual), bool(summary.converged))
+
+    return run

@@ -195,6 +195,11 @@ def _load_init(model: DEQDenoiser, init: str, seed: int = 0) -> dict | None:
     # Settings that leave the weights' shapes and meaning alone may change between stages (the attention has no
     # position bias, so q can); `expansion` may grow by an integer factor; anything else is another model.
     free = ("window", "dropout", "attn_block", "expansion")
+    if init_cfg.in_channels == 1 and model.cfg.in_channels == 3 and moments is None:  # gray weights -> colour model
+        from nerd.colour import colour_state_from_gray
+
+        weights = colour_state_from_gray(weights, model.cfg.in_channels)
+        init_cfg = replace(init_cfg, in_channels=model.cfg.in_channels)
     differ = [f.name for f in fields(init_cfg) if getattr(init_cfg, f.name) != getattr(model.cfg, f.name)]
     if [name for name in differ if name not in free] or model.cfg.expansion % init_cfg.expansion:
         raise TrainError(f"init {init}: its model differs from this run's in {', '.join(differ)} ({init_cfg} vs "
@@ -241,10 +246,10 @@ def _check_moments(moments: dict, model: DEQDenoiser, path: str) -> None:
                 raise WeightsError(f"{path}: its optimizer's {key} of parameter {i} does not fit this model")
 
 
-def _load_data(t: TrainConfig) -> tuple[list[Tensor], list[Tensor]]:
-    """(training images, held-out validation images) of the run's folder, each (1, H, W) in [0, 1];
+def _load_data(t: TrainConfig, channels: int = 1) -> tuple[list[Tensor], list[Tensor]]:
+    """(training images, held-out validation images) of the run's folder, each (channels, H, W) in [0, 1];
     DataError when the folder is missing or too small."""
-    train_images, val_images, _ = load_folder(t.data or data_root() / "Train400", t.val_images)
+    train_images, val_images, _ = load_folder(t.data or data_root() / "Train400", t.val_images, channels)
     return train_images, val_images
 
 
@@ -294,7 +299,7 @@ class _Run:
         self.cfg, self.t, self.run, self.rank, self.world, self.dev = cfg, t, run, rank, world, dev
         self.ckpt_path, self.resumed = run / "last.pt", ckpt is not None
         torch.manual_seed(t.seed + rank)  # init: DDP broadcasts rank 0's; dropout masks: independent per rank
-        train_images, val_images = _load_data(t)
+        train_images, val_images = _load_data(t, cfg.model.in_channels)
         self.total = t.total_steps(len(train_images))
         self.generator = torch.Generator().manual_seed(t.seed)
         try:

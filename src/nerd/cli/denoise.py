@@ -25,8 +25,9 @@ several inputs or a folder: -o is a folder (created if its parent exists), outpu
 large images: a whole-image solve needs about 12 KB a pixel with the shipped weights (8 GB for 1024x644);
 with --tile auto an image that would not fit is solved in tiles (said in its report line), whose result
 differs slightly from a whole-image solve (docs/performance.md, "Large images: tiles").
-colour images: refused unless --gray (their luminance, denoised) or --colour (each RGB channel denoised on its
-own by the grayscale model, assuming the same noise level in each; NERD itself is a grayscale denoiser).
+colour images: refused unless --gray (their luminance, denoised) or --colour (nerd.colour's shipped method: the
+same noise level in each RGB channel assumed; with --weights, each RGB channel on its own by those weights; NERD
+itself is a grayscale denoiser).
 With --gray, --sigma is the noise of each RGB channel and is converted to the luminance's
 (x 0.669, ITU-R 601 luma: sigma 25 -> 16.7, said in a note); a gray input is unchanged.
 alpha (LA, RGBA, transparent palette): kept unchanged beside the denoised gray or colour pixels in a .png or
@@ -66,7 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--colour", "--color", action="store_true",
-        help="denoise each RGB channel of a colour image with the grayscale model (8-bit RGB out; 3x the time)",
+        help="denoise a colour image: its opponent luminance by the gray weights for that plane's noise, its two "
+        "colour-difference planes by a guided filter led by the denoised luminance (nerd.colour.SHIPPED; "
+        "docs/usage.md, 'Colour'); with --weights, R, G and B each by those weights",
     )
     p.add_argument("--iters", metavar="N", help="solver iterations cap (overrides the weights' max_iter)")
     p.add_argument(
@@ -475,10 +478,16 @@ def run(args: argparse.Namespace) -> int:
             forecast = _forecast(y.shape, tile, model, solver, ensemble, device)
             if forecast:
                 print(f"{job.src.name}: {forecast}", file=sys.stderr, flush=True)
+        colour_weights = None
+        if y.ndim == 3 and y.shape[2] == 3 and not args.weights:  # nerd.colour's shipped method, shipped weights
+            from nerd.colour import ColourWeights
+
+            colour_weights = ColourWeights(_shipped_sigmas(), lambda name: _load(name, device, models)[0])
+            say(f"{job.src.name}: colour {colour_weights.plan(min(sigma_in, 255.0)).describe()}")
         try:
             x_hat, summary = denoise_image(
                 model, y, min(sigma_in, 255.0), solver=solver, device=device, tile=tile,
-                ensemble=ensemble, progress=not (args.quiet or args.no_progress),
+                ensemble=ensemble, progress=not (args.quiet or args.no_progress), colour_weights=colour_weights,
             )
         except DenoiseError as err:
             raise UserError(f"{job.src}: {err}") from None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from nerd.config import SOLVER_NAMES
 
-METHODS = ("nerd", "dncnn", "bm3d", "noisy")
+METHODS = ("nerd", "dncnn", "bm3d", "cbm3d", "noisy")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="self-ensemble: score the mean of N solves (1, 2, 4 or 8), each on a rotated/flipped copy "
                    "of the noisy image and turned back; N times the time; reported apart from the single-solve "
                    "figures (its files' tag ends in xN; docs/evaluation.md, 'Self-ensemble'); default 1")
+    p.add_argument("--colour-method", "--color-method", default=None, metavar="NAME",
+                   help="nerd on colour sets (CBSD68, Kodak24): how the gray weights see a colour image "
+                   "(nerd.colour.METHODS; default: the shipped nerd.colour.SHIPPED; 'rgb': R, G, B each on its own)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images of each set")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]", help="where nerd and dncnn run (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,6 +86,13 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError("--anchors only applies to --method dncnn")
     if args.iters is not None and args.iters < 1:
         raise UserError(f"--iters must be >= 1, got {args.iters}")
+    if args.colour_method is not None:
+        from nerd.colour import METHODS as COLOUR_METHODS
+
+        if args.method != "nerd":
+            raise UserError("--colour-method only applies to --method nerd")
+        if args.colour_method not in COLOUR_METHODS:
+            raise UserError(f"unknown --colour-method {args.colour_method!r}; choose one of {', '.join(COLOUR_METHODS)}")
 
 
 def _tag(args: argparse.Namespace, weights_name: str | None) -> str:
@@ -170,6 +180,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} is a file; give a folder for the reports")
+    from nerd.evaluate import is_colour_set
+
+    colour_sets = {name: images for name, images in sets.items() if is_colour_set(name, images)}
+    sets = {name: images for name, images in sets.items() if name not in colour_sets}
+    _check_colour(args, sets, colour_sets)
+    if colour_sets:
+        _run_colour(args, colour_sets, data_root, out)
+        if not sets:
+            return 0
 
     def load(sigma255: float):
         """(method, weights name or None, meta, solver override) for one noise level."""
@@ -245,3 +264,93 @@ def run(args: argparse.Namespace) -> int:
     write_text_atomic(summary, header + summary_markdown(reports) + "\n" + details)
     print(f"wrote {summary} and {len(reports)} JSON report(s) in {out}")
     return 0
+
+
+def _check_colour(args: argparse.Namespace, gray: dict, colour: dict) -> None:
+    """Which methods and options apply to colour sets (CBSD68, Kodak24) and which to gray ones."""
+    from nerd.cli import UserError
+
+    if args.method == "cbm3d" and gray:
+        raise UserError(f"--method cbm3d scores colour sets (CBSD68, Kodak24); {', '.join(gray)} are gray: "
+                        "use --method bm3d")
+    if colour and args.method in ("bm3d", "dncnn"):
+        raise UserError(f"{', '.join(colour)}: colour sets take --method nerd, cbm3d or noisy, not {args.method}")
+    if colour and (args.ensemble > 1 or args.compile):
+        raise UserError("--ensemble and --compile are for gray sets only")
+    if args.colour_method is not None and not colour:
+        raise UserError("--colour-method applies to colour sets (CBSD68, Kodak24) only")
+
+
+def _run_colour(args: argparse.Namespace, sets: dict, data_root: Path, out: Path) -> None:
+    """Score a method on colour sets under the colour protocol (`nerd.evaluate.evaluate_colour`): nerd through
+    `nerd.colour` (the shipped transform, or --colour-method), cbm3d (`bm3d.bm3d_rgb`), noisy."""
+    import dataclasses
+    import sys
+
+    from nerd import allocator
+    from nerd.cli import UserError
+    from nerd.evaluate import cbm3d, digest, evaluate_colour, nerd_colour, summary_markdown, write_text_atomic
+
+    def load(sigma255: float):
+        """(method, tag name, meta, has solver statistics) at one noise level."""
+        if args.method == "noisy":
+            return (lambda y, s: (y, None)), None, {}, False
+        if args.method == "cbm3d":
+            try:
+                import bm3d
+            except ImportError:
+                raise UserError("--method cbm3d needs the bm3d package: pip install 'nerd[bm3d]'") from None
+            return cbm3d, None, {"profile": "np", "num_threads": 1, "bm3d": getattr(bm3d, "__version__", "?")}, False
+        from nerd.colour import ColourWeights
+        from nerd.weights import load_weights, read_metadata, resolve
+
+        if args.weights:  # that one file for every plane
+            model, info = load_weights(args.weights, device=args.device)
+            weights = ColourWeights({info["name"]: info["sigma"]}, lambda _: model, args.colour_method)
+        else:
+            weights = ColourWeights.shipped(device=args.device, method=args.colour_method)
+        plan = weights.plan(sigma255)
+        files = sorted(plan.solves)
+        base = weights.model(files[0]).solver
+        solver = base.override(name=args.solver, max_iter=args.iters, tol=args.tol)
+        shas = {name: read_metadata(resolve(args.weights) if args.weights else name)["sha256"] for name in files}
+        meta = {"colour_method": weights.method.name, "plan": plan.describe(), "weights": files,
+                "weights_sha256": shas, "sha256": digest(shas), "solver": dataclasses.asdict(solver),
+                "device": args.device}
+        name = weights.method.name + (f"-{Path(args.weights).stem}" if args.weights else "")
+        return nerd_colour(weights, solver, args.device), name, meta, True
+
+    loaded = {sigma255: load(sigma255) for sigma255 in args.sigma}
+    reports = []
+    print(f"{'set':<16} {'sigma':>5} {'images':>6} {'PSNR':>8} {'SSIM':>7} {'s/image':>8} {'nfe':>6}", flush=True)
+    tags = {}
+    for sigma255 in args.sigma:
+        method, name, meta, solver = loaded[sigma255]
+        tags[sigma255] = tag = _tag(args, name)
+        for set_name, images in sets.items():
+            path = out / _report_name(tag, set_name, sigma255)
+            partial = path.with_name(path.name + ".partial")
+            for target in (path, partial):
+                if target.exists() and not target.is_file():
+                    raise UserError(f"{target}: a folder (or other non-file) is in the way of this report; move it away")
+            report = evaluate_colour(method, images, sigma255, set_name=set_name, method_name=args.method,
+                                     progress=not args.no_progress, limit=args.limit,
+                                     meta={**meta, "data": str(data_root), "malloc": allocator.status},
+                                     partial=partial, solver=solver)
+            if report.meta.get("resumed_rows"):
+                print(f"nerd eval: {report.meta['resumed_rows']} image(s) reused from {partial} "
+                      "(an interrupted run)", file=sys.stderr)
+            reports.append(report)
+            write_text_atomic(path, report.to_json() + "\n")
+            partial.unlink(missing_ok=True)
+            m = report.means
+            nfe = f"{m['nfe']:.1f}" if m["nfe"] is not None else "-"
+            print(f"{set_name:<16} {sigma255:>5g} {len(report.rows):>6} {m['psnr']:>8.3f} {m['ssim']:>7.4f} "
+                  f"{m['seconds']:>8.2f} {nfe:>6}", flush=True)
+    reports = _with_earlier(out, reports, tags)
+    names = set(tags.values())
+    summary = out / f"eval-{names.pop() if len(names) == 1 else args.method}.md"
+    header = f"# nerd eval --method {args.method} (colour)\n\ndata: {os.fspath(data_root)}\n\n"
+    details = "\n".join(r.to_markdown() for r in reports)
+    write_text_atomic(summary, header + summary_markdown(reports) + "\n" + details)
+    print(f"wrote {summary} and {len(reports)} JSON report(s) in {out}")

@@ -32,8 +32,10 @@ def undo_dihedral(x: Tensor, k: int) -> Tensor:
     return torch.rot90(x, -(k % 4), dims=(-2, -1))
 
 
-def load_folder(folder: str | os.PathLike[str], holdout: int) -> tuple[list[Tensor], list[Tensor], list[Path]]:
-    """Read every image of `folder` (sorted by name) as (1, H, W) float32 tensors in [0, 1].
+def load_folder(folder: str | os.PathLike[str], holdout: int, channels: int = 1
+                ) -> tuple[list[Tensor], list[Tensor], list[Path]]:
+    """Read every image of `folder` (sorted by name) as (channels, H, W) float32 tensors in [0, 1]: gray (1), or RGB
+    (3: a colour model's training images; a gray file is replicated).
 
     Returns:
         (train images, validation images, validation paths): the last `holdout` images are held out for
@@ -49,7 +51,19 @@ def load_folder(folder: str | os.PathLike[str], holdout: int) -> tuple[list[Tens
     paths = list_images(folder)
     if len(paths) <= holdout:
         raise DataError(f"{folder}: {len(paths)} images, need more than the {holdout} held out for validation")
-    images = [torch.from_numpy(load_gray(p))[None] for p in paths]
+    if channels == 3:
+        from PIL import Image
+
+        def rgb(path: Path) -> Tensor:
+            with Image.open(path) as im:
+                a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+            return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+        images = [rgb(p) for p in paths]
+    elif channels == 1:
+        images = [torch.from_numpy(load_gray(p))[None] for p in paths]
+    else:
+        raise DataError(f"training images with {channels} channels: only 1 (gray) or 3 (RGB)")
     cut = len(images) - holdout
     return images[:cut], images[cut:], paths[cut:]
 
