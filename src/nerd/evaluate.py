@@ -526,23 +526,10 @@ COLOUR_PROTOCOL = ("x = RGB pixel/255 (H, W, 3); y = x + sigma/255 * RandomState
 ColourMethod = Callable[[np.ndarray, float], tuple[np.ndarray, tuple[int, float, bool] | None]]
 
 
-def is_colour_set(name: str, images: Sequence[str | os.PathLike[str]] = ()) -> bool:
-    """A colour set: one of COLOUR_SETS, or a set whose first image (by name) is stored as RGB(A)."""
-    if name in COLOUR_SETS:
-        return True
-    if not images:
-        return False
-    from PIL import Image
-
-    first = sorted((Path(p) for p in images), key=lambda p: p.name)[0]
-    with Image.open(first) as im:
-        return im.mode in ("RGB", "RGBA", "P") and _rgb_differs(im)
-
-
-def _rgb_differs(im: Any) -> bool:
-    """Whether a PIL image has colour (its R, G, B planes differ somewhere)."""
-    a = np.asarray(im.convert("RGB"))
-    return bool((a[..., 0] != a[..., 1]).any() or (a[..., 1] != a[..., 2]).any())
+def is_colour_set(name: str) -> bool:
+    """A colour set, scored under COLOUR_PROTOCOL: one of COLOUR_SETS by its folder name (any other set is scored
+    as gray, where a colour image is refused as before)."""
+    return name in COLOUR_SETS
 
 
 def load_rgb(path: str | os.PathLike[str]) -> np.ndarray:

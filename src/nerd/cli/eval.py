@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         raise EvalError(f"--out {out} is a file; give a folder for the reports")
     from nerd.evaluate import is_colour_set
 
-    colour_sets = {name: images for name, images in sets.items() if is_colour_set(name, images)}
+    colour_sets = {name: images for name, images in sets.items() if is_colour_set(name)}
     sets = {name: images for name, images in sets.items() if name not in colour_sets}
     _check_colour(args, sets, colour_sets)
     if colour_sets:
