@@ -1,10 +1,12 @@
 """Shared fixtures: tiny inputs with odd sizes, a synthetic image folder, the shared data root; the rules for the
-`gpu` and `slow` markers.
+`gpu`, `slow` and `browser` markers.
 
 `gpu` tests skip, saying why, where `torch.cuda.is_available()` is false, and run where it is true.
 `slow` tests need ../shared (data/Set12 and anchors/, or $NERD_DATA and $NERD_ANCHORS). On a developer's machine
 without it they skip; under CI (the environment variable CI set, as CI services and `.ci/run` do) they fail: the
 quality floors must not go quiet because the data went missing.
+`browser` tests (the web page of `nerd serve` in a headless chromium) follow the same rule for chromium, its
+chromedriver and the gradio and selenium packages.
 """
 
 from __future__ import annotations
@@ -30,9 +32,38 @@ def missing_shared() -> list[str]:
     return [str(p) for p in (SHARED / "Set12", ANCHORS) if not p.is_dir()]
 
 
+BROWSER_HINT = ("sudo apt-get install chromium chromium-driver (Debian; Ubuntu: chromium-browser), "
+                "pip install -e '.[test]' (gradio, selenium)")
+
+
+def find_chromium() -> tuple[str | None, str | None]:
+    """Paths of a chromium binary and its chromedriver ($CHROMIUM / $CHROMEDRIVER first), None where absent."""
+    import shutil
+
+    binary = os.environ.get("CHROMIUM") or next(
+        filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
+    return binary, driver
+
+
+def missing_browser() -> list[str]:
+    """What the `browser` tests need that is absent: chromium, chromedriver, the gradio and selenium packages."""
+    import importlib.util
+
+    binary, driver = find_chromium()
+    missing = [name for name, found in (("chromium", binary), ("chromedriver", driver)) if not found]
+    return missing + [m for m in ("gradio", "selenium") if importlib.util.find_spec(m) is None]
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("gpu") and not torch.cuda.is_available():
         pytest.skip("gpu test: no CUDA device here (torch.cuda.is_available() is False)")
+    if item.get_closest_marker("browser"):
+        missing = missing_browser()
+        if missing and IN_CI:
+            pytest.fail(f"CI: the browser test needs {', '.join(missing)}: {BROWSER_HINT}", pytrace=False)
+        if missing:
+            pytest.skip(f"browser test: no {', '.join(missing)} here ({BROWSER_HINT})")
     if IN_CI and item.get_closest_marker("slow"):
         missing = missing_shared()
         if missing:

@@ -13,7 +13,7 @@ import sys
 from nerd import allocator
 from nerd.errors import NerdError
 
-COMMANDS = ["info", "denoise", "eval", "train", "validate", "export", "bench", "experiment"]
+COMMANDS = ["info", "denoise", "eval", "train", "validate", "export", "bench", "experiment", "serve"]
 
 
 class UserError(NerdError):

@@ -4,7 +4,9 @@ Every pixel attends to the pixels of the q x q window centred on it. At the bord
 keys outside the image do not exist (they are masked), so a corner pixel attends to a (r+1) x (r+1) window,
 r = q // 2. When q >= 2 max(H, W) - 1 every window covers the whole image and attention is global.
 
-`neighbourhood_attention` computes this exactly with PyTorch's fused `scaled_dot_product_attention`:
+`neighbourhood_attention` computes this exactly. On the CPU it runs a C++ kernel that visits only the keys of each
+window (`nerd.models.attention_kernel`, compiled on first use); elsewhere, or where that kernel cannot be built, it
+uses PyTorch's fused `scaled_dot_product_attention` (the SDPA path):
 
 * small images: one masked attention over all H*W tokens (or unmasked, when the window covers everything);
 * large images: the queries are cut into b x b tiles; each tile attends to its (b + 2r)^2 halo with a mask
@@ -25,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from nerd.models import attention_kernel
 
 # Upper bound on the elements of the score matrices (B * tiles * heads * L * K) handled by one SDPA call.
 _CHUNK_ELEMENTS = 1 << 27
@@ -89,6 +93,13 @@ def neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block:
     Returns:
         (B, heads, H, W, d), contiguous.
     """
+    if attention_kernel.usable(q):
+        return attention_kernel.attention(q, k, v, window)
+    return sdpa_attention(q, k, v, window, block)
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block: int = 16) -> Tensor:
+    """The SDPA path of `neighbourhood_attention` (same arguments): GPUs, autocast dtypes, tracing, no compiler."""
     b, n, h, w, d = q.shape
     r = window // 2
     if 2 * r + 1 >= 2 * max(h, w) - 1:  # every window covers the whole image
