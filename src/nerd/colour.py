@@ -149,7 +149,7 @@ METHODS: dict[str, ColourMethod] = {m.name: m for m in (
 )}
 # The method of `nerd denoise --colour`, `nerd eval` on colour sets and `nerd.NERD` on 3-channel input, chosen on
 # Kodak24 crops (scripts/colour_study.py, results/colour/study.json).
-SHIPPED = "opp-guided-r4-e0.1"
+SHIPPED = "opp-guided-r3-e0.3"
 
 
 def method(name: str | ColourMethod | None = None) -> ColourMethod:
