@@ -366,5 +366,5 @@ def colour_state_from_gray(state: Mapping[str, Any], channels: int = 3) -> dict[
 
 
 __all__ = ["METHODS", "OPPONENT", "RGB", "SHIPPED", "YCBCR", "ColourMethod", "ColourPlan", "ColourTransform",
-           "ColourWeights", "PlaneChoice", "box_mean", "colour_state_from_gray", "denoise_colour", "denoise_with", "guided_filter",
-           "merge_summaries", "method", "plan"]
+           "ColourWeights", "PlaneChoice", "box_mean", "colour_state_from_gray", "denoise_colour", "denoise_with",
+           "guided_filter", "merge_summaries", "method", "plan"]

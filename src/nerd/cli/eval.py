@@ -92,7 +92,8 @@ def _check(args: argparse.Namespace) -> None:
         if args.method != "nerd":
             raise UserError("--colour-method only applies to --method nerd")
         if args.colour_method not in COLOUR_METHODS:
-            raise UserError(f"unknown --colour-method {args.colour_method!r}; choose one of {', '.join(COLOUR_METHODS)}")
+            raise UserError(f"unknown --colour-method {args.colour_method!r}; choose one of "
+                            f"{', '.join(COLOUR_METHODS)}")
 
 
 def _tag(args: argparse.Namespace, weights_name: str | None) -> str:
@@ -332,7 +333,8 @@ def _run_colour(args: argparse.Namespace, sets: dict, data_root: Path, out: Path
             partial = path.with_name(path.name + ".partial")
             for target in (path, partial):
                 if target.exists() and not target.is_file():
-                    raise UserError(f"{target}: a folder (or other non-file) is in the way of this report; move it away")
+                    raise UserError(f"{target}: a folder (or other non-file) is in the way of this report; move "
+                                    "it away")
             report = evaluate_colour(method, images, sigma255, set_name=set_name, method_name=args.method,
                                      progress=not args.no_progress, limit=args.limit,
                                      meta={**meta, "data": str(data_root), "malloc": allocator.status},
