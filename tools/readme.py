@@ -194,7 +194,7 @@ def colour_table(full: bool = False) -> str:
             if not common:
                 continue
 
-            def mean(rep: dict | None, what: str = "psnr") -> float | None:
+            def mean(rep: dict | None, what: str = "psnr", common: set = common) -> float | None:
                 return sum(rep["rows"][n][what] for n in common) / len(common) if rep else None
 
             def cell(rep: dict | None) -> str:
@@ -245,17 +245,19 @@ def colour_study_table() -> str:
         for name, imgs in by.items():
             psnr = sum(r["psnr"] for r in imgs.values()) / len(imgs)
             both = [i for i in imgs if i in rgb]
-            delta = (sum(imgs[i]["psnr"] - rgb[i]["psnr"] for i in both) / len(both)) if both and name != "rgb" else None
+            delta = ((sum(imgs[i]["psnr"] - rgb[i]["psnr"] for i in both) / len(both)) if both and name != "rgb"
+                     else None)
             secs = sum(r["seconds"] for r in imgs.values()) / len(imgs)
             first = next(iter(imgs.values()))
             planes = ", ".join(f"{p[0]} {p[1]:.1f} → {p[2] or 'guided filter'}" for p in first.get("planes", [])) or "–"
             solves = str(first.get("solves", "–"))
             n = f"{len(imgs)}" + (f" of {full}" if len(imgs) < full else "")
-            table.append((psnr if len(imgs) == full else -1, f"| `{name}` | {n} | {psnr:.3f} | "
-                          f"{'–' if delta is None else f'{delta:+.3f}'} | {secs:.1f} | {planes} | {solves} |"))
+            gain = "–" if delta is None else f"{delta:+.3f}"
+            table.append((psnr if len(imgs) == full else -1,
+                          f"| `{name}` | {n} | {psnr:.3f} | {gain} | {secs:.1f} | {planes} | {solves} |"))
         out += [line for _, line in sorted(table, key=lambda t: -t[0])] + [""]
-    out.append(f"Weights: {', '.join(f'{k} `{v[:12]}`' for k, v in meta['weights_sha256'].items())}. {meta['protocol']}. "
-               f"Seconds: {meta['seconds_note']}.")
+    shas = ", ".join(f"{k} `{v[:12]}`" for k, v in meta["weights_sha256"].items())
+    out.append(f"Weights: {shas}. {meta['protocol']}. Seconds: {meta['seconds_note']}.")
     return "\n".join(out)
 
 
