@@ -237,3 +237,18 @@ def test_colour_training_runs_a_few_steps_from_gray_weights(tmp_path: Path) -> N
     assert model.cfg.in_channels == 3
     with torch.no_grad():
         assert model(torch.rand(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+
+
+def test_nerd_module_colour_path_equals_denoise_image(shipped: dict[str, Path]) -> None:
+    from nerd.models.pretrained import NERD
+
+    y = _rgb(18, 16)
+    x = torch.from_numpy(y).permute(2, 0, 1)[None].float().repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        out = NERD(colour=True)(x, torch.tensor([25 / 255, 50 / 255]))
+    for i, s in enumerate((25, 50)):
+        ref, _ = denoise_image(None, y.astype(np.float32), s, colour_weights=colour.ColourWeights.shipped())
+        np.testing.assert_allclose(out[i].permute(1, 2, 0).clamp(0, 1).numpy(), ref, atol=2e-4)
+    t = torch.rand(2, 1, 12, 10, dtype=torch.float64)
+    np.testing.assert_allclose(colour.guided_filter_torch(t[:1], t[1:], 2, 1e-3)[0, 0].numpy(),
+                               colour.guided_filter(t[0, 0].numpy(), t[1, 0].numpy(), 2, 1e-3), atol=1e-10)

@@ -241,6 +241,57 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
     return box_mean(a, radius) * i + box_mean(b, radius)
 
 
+def guided_filter_torch(guide: Any, src: Any, radius: int, eps: Any) -> Any:
+    """`guided_filter` on tensors (N, 1, H, W) (differentiable; eps a float or an (N,) tensor): the same figures.
+    The box mean is `avg_pool2d` without the padding counted, i.e. the window cut at the borders."""
+    import torch.nn.functional as F  # noqa: N812
+
+    def box(x: Any) -> Any:
+        return F.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+
+    eps = eps.reshape(-1, 1, 1, 1) if hasattr(eps, "reshape") else eps
+    mi, mp = box(guide), box(src)
+    a = (box(guide * src) - mi * mp) / (box(guide * guide) - mi * mi + eps)
+    b = mp - a * mi
+    return box(a) * guide + box(b)
+
+
+def denoise_colour_batch(x: Any, sigma255: Any, trained: Mapping[str, float], model_for: Callable[[str], Any],
+                         solver_for: Callable[[Any, Any], Any], which: str | ColourMethod | None = None) -> Any:
+    """`denoise_colour` on a tensor batch (B, 3, H, W), one noise level per sample ((B,) sigma255, 0-255 scale):
+    the planes of every sample that need the same weights are one batched solve; differentiable where the solver
+    is (`nerd.NERD` with autograd on). Not clipped (the denoiser contract)."""
+    import torch
+
+    m = method(which)
+    a = torch.as_tensor(m.transform.a, dtype=x.dtype, device=x.device)
+    off = torch.as_tensor(m.transform.offsets, dtype=x.dtype, device=x.device).reshape(1, 3, 1, 1)
+    planes = torch.einsum("kc,bchw->bkhw", a, x) + off
+    plans = [plan(float(s), trained, m) for s in sigma255.tolist()]
+    groups: dict[str, list[tuple[int, int]]] = {}
+    for i, p in enumerate(plans):
+        for k in m.solved:
+            groups.setdefault(p.planes[k].weights, []).append((i, k))  # type: ignore[arg-type]
+    solved: dict[tuple[int, int], Any] = {}
+    for name, pairs in groups.items():
+        model = model_for(name)
+        part = torch.stack([planes[i, k] for i, k in pairs])[:, None]
+        s = torch.tensor([plans[i].planes[k].sigma / 255.0 for i, k in pairs], dtype=x.dtype, device=x.device)
+        out = model(part, s, solver=solver_for(model, part))
+        solved.update({pair: out[j, 0] for j, pair in enumerate(pairs)})
+    rows = []
+    for i in range(x.shape[0]):
+        rows.append(torch.stack([solved.get((i, k), planes[i, k]) for k in range(3)]))
+    est = torch.stack(rows)
+    if m.chroma == "guided":
+        eps = m.eps * (sigma255.to(x.device, x.dtype) / 255.0) ** 2
+        guide = est[:, :1]
+        chroma = [guided_filter_torch(guide, planes[:, k:k + 1], m.radius, eps) for k in (1, 2)]
+        est = torch.cat([guide, *chroma], dim=1)
+    inv = torch.as_tensor(np.linalg.inv(m.transform.a), dtype=x.dtype, device=x.device)
+    return torch.einsum("ck,bkhw->bchw", inv, est - off)
+
+
 # A batched solve: (float32 (n, H, W) planes, weights name) -> (float32 (n, H, W) estimates, not clipped; summary).
 Solve = Callable[[np.ndarray, str], tuple[np.ndarray, Any]]
 
@@ -365,6 +416,8 @@ def colour_state_from_gray(state: Mapping[str, Any], channels: int = 3) -> dict[
     return out
 
 
-__all__ = ["METHODS", "OPPONENT", "RGB", "SHIPPED", "YCBCR", "ColourMethod", "ColourPlan", "ColourTransform",
-           "ColourWeights", "PlaneChoice", "box_mean", "colour_state_from_gray", "denoise_colour", "denoise_with",
-           "guided_filter", "merge_summaries", "method", "plan"]
+__all__ = [
+    "METHODS", "OPPONENT", "RGB", "SHIPPED", "YCBCR", "ColourMethod", "ColourPlan", "ColourTransform", "ColourWeights",
+    "PlaneChoice", "box_mean", "colour_state_from_gray", "denoise_colour", "denoise_colour_batch", "denoise_with",
+    "guided_filter", "guided_filter_torch", "merge_summaries", "method", "plan",
+]

@@ -9,8 +9,8 @@ algorithms), else a plain `torch.nn.Module` with the same call; which one is dec
 imported (`DEEPINV`). Each sample is denoised by the weights trained for the noise level nearest its sigma (on a tie
 the higher: weights for a little more noise than there is cost less than the other way round, as `nerd denoise`
 chooses); each weights file is read once, when a sample first needs it. NERD is a grayscale model: a colour batch
-goes through it as 3B grayscale images in one solve (the same noise level in every channel), as `nerd denoise`
-treats colour images channel by channel.
+goes through it as 3B grayscale images in one solve (the same noise level in every channel); `NERD(colour=True)`
+uses `nerd.colour.SHIPPED` instead, the method of `nerd denoise --colour`.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ class NERD(_Base):  # type: ignore[misc,valid-type]
             returned on the input's device. None (default): where the input is.
         weights: the weights to choose from, shipped names or .safetensors paths (`nerd.load_weights`); None
             (default): every shipped file (`nerd.weights.shipped`), read when first needed.
+        colour: how a 3-channel batch goes through the gray weights: False (default) R, G, B each on its own,
+            one solve; True: `nerd.colour.SHIPPED`, the method of `nerd denoise --colour` (the luminance solved by
+            the weights for its own noise level, the colour planes by a guided filter led by it); or a
+            `nerd.colour.METHODS` name.
 
     Call:
         x: (B, C, H, W) float tensor, C = 1 (grayscale) or 3 (colour, each channel with the grayscale model),
@@ -75,8 +79,14 @@ class NERD(_Base):  # type: ignore[misc,valid-type]
         solver: SolverConfig | int | None = None,
         device: str | torch.device | None = None,
         weights: Sequence[str | os.PathLike[str]] | None = None,
+        colour: bool | str = False,
     ) -> None:
         super().__init__()  # deepinv's Denoiser: device "cpu", where a new module already is
+        if colour is not False:
+            from nerd import colour as nerd_colour
+
+            nerd_colour.method(None if colour is True else colour)  # ConfigError now for an unknown name
+        self.colour = colour
         if isinstance(solver, bool) or not (solver is None or isinstance(solver, (int, SolverConfig))):
             raise ConfigError(f"solver must be a SolverConfig or a max_iter int, got {solver!r}")
         if isinstance(solver, int):
@@ -160,6 +170,12 @@ class NERD(_Base):  # type: ignore[misc,valid-type]
         names = [nearest(s, trained) for s in sigma255.tolist()]
         device = self.run_device or x.device
         y = x.to(device, torch.float32)
+        if c == 3 and self.colour is not False:  # nerd.colour's method: planes by weights file, one solve each
+            from nerd.colour import denoise_colour_batch
+
+            out = denoise_colour_batch(y, sigma255, trained, lambda name: self._model(name, device),
+                                       self._solver_for, None if self.colour is True else self.colour)
+            return out.to(x.device, x.dtype)
         out = torch.empty_like(y)
         for name in dict.fromkeys(names):  # each weights file once, in order of first use
             idx = [i for i, n in enumerate(names) if n == name]
