@@ -839,6 +839,51 @@ def onnx_table() -> str:
     return "\n".join(lines)
 
 
+def pnp_table() -> str:
+    """results/pnp/deblur.json (`examples/pnp_deblur.py`): plug-and-play deblurring, each prior's mean PSNR and
+    time, then every image. The file is checked first (`nerd.lab.pnp.read_results`): a bad one raises EvalError."""
+    path = RESULTS / "pnp" / "deblur.json"
+    if not path.is_file():
+        return "_not measured yet: `python examples/pnp_deblur.py`_"
+    from nerd.lab.pnp import read_results
+
+    data = read_results(path)
+    m, means, rows = data["meta"], data["means"], data["rows"]
+    n = len(rows)
+    images = (f"all {n} images of {m.get('set', '?')}" if m.get("all_images")
+              else f"the first {n} images of {m.get('set', '?')} by name")
+    where = ", ".join(x for x in (m.get("device_name"), f"torch {m['torch']}", f"{m['threads']} thread(s)") if x)
+    blur, sched = m["blur"], m["schedule"]
+    levels = m["schedule"].get("sigmas255") or []
+    schedule = f"{sched.get('iters', '?')} HQS iterations" + (
+        f", denoiser level {levels[0]:.0f} → {levels[-1]:.2f} log-spaced" if levels else "")
+    nerd_iters = (m.get("nerd") or {}).get("solver_max_iter")
+    extra = f"; NERD {nerd_iters} solver iterations a call" if nerd_iters else ""
+    deepinv = m.get("deepinv") or {}
+    if deepinv and not deepinv.get("ran"):
+        extra += f"; deepinv's own DPIR not run: {deepinv.get('reason', '?')}"
+
+    def secs(s: float) -> str:
+        return f"{s:.1f}" if s >= 1 else f"{s:.2f}"
+
+    lines = [f"`{m['command'].strip()}` ({where}; {images}; Gaussian blur σ {blur['sigma']:g} px, "
+             f"{blur['size']}×{blur['size']}, {blur.get('boundary', 'circular')} boundary, noise σ "
+             f"{m['noise_sigma255']:g}/255; {schedule}{extra}):", "",
+             "| restoration | mean PSNR (dB) | vs blurred input (dB) | CPU s/image | wall s/image |",
+             "| --- | ---: | ---: | ---: | ---: |", f"| blurred input | {means['blurred_psnr']:.2f} | +0.00 | – | – |"]
+    for p in data["priors"]:
+        r = means[p["key"]]
+        lines.append(f"| {p['label']} | {r['psnr']:.2f} | {r['psnr'] - means['blurred_psnr']:+.2f} "
+                     f"| {secs(r['cpu_seconds'])} | {secs(r['seconds'])} |")
+    keys = [p["key"] for p in data["priors"]]
+    lines += ["", "Per image, PSNR (dB):", "", "| image | size | blurred | " + " | ".join(keys) + " |",
+              "| --- | --- |" + " ---: |" * (len(keys) + 1)]
+    for r in rows:
+        cells = " | ".join(f"{r['results'][k]['psnr']:.2f}" for k in keys)
+        lines.append(f"| {r['image']} | {r['width']}×{r['height']} | {r['blurred_psnr']:.2f} | {cells} |")
+    return "\n".join(lines)
+
+
 # Each block's maker takes the folder of the page that shows it (for the links inside the block).
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "results": lambda base: results_table(),
@@ -861,6 +906,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "budget": lambda base: budget_table(),
     "large-image": lambda base: large_image_table(),
     "onnx": lambda base: onnx_table(),
+    "pnp": lambda base: pnp_table(),
     "speed-now": lambda base: _optional("nerd.lab.bench_report", "markdown_tables", RESULTS / "bench" / "after-malloc"
                                         / "bench-cpu.json", _link(RESULTS / "bench" / "after-malloc", base), 3),
     "experiments": lambda base: _optional("nerd.lab.experiments", "markdown_summary", RESULTS / "experiments", base),
