@@ -73,17 +73,43 @@ def test_last_doubling_gain_interpolates_at_half_the_cpu_time():
     assert last_doubling_gain(curve[:1]) is None
 
 
+def _shipped_cap() -> int:
+    return json.loads(read_metadata(shipped()["nerd-s25"])["solver"])["max_iter"]
+
+
 def test_results_table_leaves_out_records_of_replaced_weights(tmp_path, monkeypatch):
     sha = read_metadata(shipped()["nerd-s25"])["sha256"]
     (tmp_path / "eval").mkdir()
     for name, record_sha in (("now", sha), ("stale", "0" * 64)):
         record = {"method": "nerd", "set": f"Set-{name}", "sigma": 25.0, "limit": None,
-                  "meta": {"weights": "nerd-s25", "sha256": record_sha, "solver": {"max_iter": 17}}}
+                  "meta": {"weights": "nerd-s25", "sha256": record_sha, "solver": {"max_iter": _shipped_cap()}}}
         (tmp_path / "eval" / f"eval-nerd-{name}.json").write_text(json.dumps(record))
     # an interrupted run's progress file (named as `nerd eval` names it) sits beside them and is not a result
     (tmp_path / "eval" / "eval-nerd-next-Set-s25.json.partial").write_text(json.dumps({"key": "", "rows": []}))
     monkeypatch.setattr(readme, "RESULTS", tmp_path)
     assert set(readme._load_evals()) == {("nerd", "Set-now", 25)}
+
+
+def test_earlier_default_is_the_same_tensors_at_17_iterations(tmp_path, monkeypatch):
+    """A report of the shipped tensors at the earlier 17-iteration cap fills the table's 17-iteration column and
+    not the shipped one; a run with another cap (`--iters 4`) and a report of other weights fill neither."""
+    from safetensors.torch import load_file
+
+    from nerd.config import SolverConfig, dumps
+    from nerd.weights import _header, tensors_sha256
+
+    path = shipped()["nerd-s25"]
+    meta = read_metadata(path)
+    solver = {**json.loads(meta["solver"]), "max_iter": 17}
+    sha17 = tensors_sha256(load_file(str(path)), _header({**meta, "solver": dumps(SolverConfig(**solver))}))
+    (tmp_path / "eval" / "earlier-17it").mkdir(parents=True)
+    for name, sha, cap in (("then", sha17, 17), ("short", meta["sha256"], 4), ("other", "0" * 64, 17)):
+        record = {"method": "nerd", "set": f"Set-{name}", "sigma": 25.0, "limit": None,
+                  "meta": {"sha256": sha, "solver": {**solver, "max_iter": cap}}}
+        (tmp_path / "eval" / "earlier-17it" / f"eval-nerd-{name}.json").write_text(json.dumps(record))
+    monkeypatch.setattr(readme, "RESULTS", tmp_path)
+    assert set(readme._load_evals(which="earlier")) == {("nerd", "Set-then", 25)}
+    assert set(readme._load_evals()) == set()
 
 
 def test_results_table_marks_seconds_measured_on_a_gpu(tmp_path, monkeypatch):
@@ -92,7 +118,7 @@ def test_results_table_marks_seconds_measured_on_a_gpu(tmp_path, monkeypatch):
     for set_name, device in (("Set12", "cpu"), ("Urban100", "cuda:0")):
         record = {"method": "nerd", "set": set_name, "sigma": 25.0, "limit": None,
                   "means": {"psnr": 30.0, "ssim": 0.9, "seconds": 2.0, "nfe": 17.0},
-                  "meta": {"device": device, "sha256": sha, "solver": {"max_iter": 17}}}
+                  "meta": {"device": device, "sha256": sha, "solver": {"max_iter": _shipped_cap()}}}
         (tmp_path / "eval" / f"eval-nerd-{set_name}.json").write_text(json.dumps(record))
     monkeypatch.setattr(readme, "RESULTS", tmp_path)
     rows = {r.split(" | ")[0].strip("| "): r for r in readme.results_table().splitlines() if "| 25 |" in r}

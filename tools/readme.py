@@ -45,23 +45,59 @@ PAPER_NERD = {
 TABLE_SETS, TABLE_SIGMAS = ("Set12", "BSD68", "Urban100"), (15, 25, 50)  # rows of the results tables, in order
 
 
-def _shipped_solve() -> Callable[[dict, int], bool]:
-    """A test of a NERD report's meta (or a partial file's key) at sigma: the shipped weights of that sigma as they
-    are now (a sha256 that is not the shipped file's was measured on weights since replaced), with the shipped
-    solver setting (not a reduced-iteration run)."""
-    from nerd.weights import read_metadata, shipped
-
-    shipped_sha = {name: read_metadata(path)["sha256"] for name, path in shipped().items()}
-    return lambda meta, sigma: (meta.get("sha256") == shipped_sha.get(f"nerd-s{sigma}")
-                                and (meta.get("solver") or {}).get("max_iter", 0) >= 8)
+EARLIER_MAX_ITER = 17  # the solver cap the shipped files carried before the budget (scripts/apply_budget.py)
 
 
-def _load_evals(ensemble: int = 1) -> dict[tuple[str, str, int], dict]:
+def _shipped_solve(which: str = "shipped") -> Callable[[dict, int], bool]:
+    """A test of a NERD report's meta (or a partial file's key) at sigma.
+
+    which="shipped": the shipped weights of that sigma as they are now, with their own solver (the checksum covers
+    the solver, and a run with `--iters` records its own cap); which="earlier": the same tensors with the earlier
+    default of 17 iterations (the checksum recomputed with the report's solver). Reports of weights since replaced
+    match neither."""
+    from safetensors.torch import load_file
+
+    from nerd.config import SolverConfig, dumps
+    from nerd.weights import _header, read_metadata, shipped, tensors_sha256
+
+    files = {name: (path, read_metadata(path)) for name, path in shipped().items()}
+    cap = {name: json.loads(meta["solver"])["max_iter"] for name, (_, meta) in files.items()}
+    tensors: dict[str, dict] = {}
+
+    def earlier_sha(name: str, solver: dict) -> str | None:
+        path, meta = files[name]
+        try:
+            header = _header({**meta, "solver": dumps(SolverConfig(**solver))})
+        except (TypeError, ValueError):
+            return None
+        if name not in tensors:
+            tensors[name] = load_file(str(path))
+        return tensors_sha256(tensors[name], header)
+
+    def test(meta: dict, sigma: int) -> bool:
+        name, solver = f"nerd-s{sigma}", meta.get("solver") or {}
+        if name not in files:
+            return False
+        if which == "shipped":
+            return meta.get("sha256") == files[name][1]["sha256"] and solver.get("max_iter") == cap[name]
+        return (solver.get("max_iter") == EARLIER_MAX_ITER and meta.get("sha256") is not None
+                and meta.get("sha256") == earlier_sha(name, solver))
+
+    return test
+
+
+def _eval_files(pattern: str) -> list[Path]:
+    """Reports under results/eval and its earlier-17it/ folder (the reports of the earlier default, kept apart
+    because a new run of the same weights and set writes the same file name)."""
+    return sorted((RESULTS / "eval").glob(pattern)) + sorted((RESULTS / "eval" / "earlier-17it").glob(pattern))
+
+
+def _load_evals(ensemble: int = 1, which: str = "shipped") -> dict[tuple[str, str, int], dict]:
     """Full-set eval results by (method, set, sigma) of `nerd eval --ensemble` (1: single solves); NERD results only
-    for the shipped weights and solver."""
-    is_shipped = _shipped_solve()
+    for the shipped weights and solver (which="earlier": the same weights at the earlier 17 iterations)."""
+    is_shipped = _shipped_solve(which)
     found: dict[tuple[str, str, int], dict] = {}
-    for path in sorted((RESULTS / "eval").glob("eval-*.json")):
+    for path in _eval_files("eval-*.json"):
         data = json.loads(path.read_text())
         if data.get("limit"):
             continue  # partial runs never enter the table
@@ -75,12 +111,12 @@ def _load_evals(ensemble: int = 1) -> dict[tuple[str, str, int], dict]:
     return found
 
 
-def _nerd_in_progress(ensemble: int = 1) -> dict[tuple[str, int], int]:
+def _nerd_in_progress(ensemble: int = 1, which: str = "shipped") -> dict[tuple[str, int], int]:
     """Images finished by interrupted `nerd eval [--ensemble N]` runs of the shipped weights (their `.partial` files),
     by (set, sigma): a cell not measured yet says how far its resumable run has come."""
-    is_shipped = _shipped_solve()
+    is_shipped = _shipped_solve(which)
     done: dict[tuple[str, int], int] = {}
-    for path in sorted((RESULTS / "eval").glob("eval-nerd-*.json.partial")):
+    for path in _eval_files("eval-nerd-*.json.partial"):
         try:
             data = json.loads(path.read_text())
             key = json.loads(data["key"])
@@ -98,11 +134,12 @@ def _cell(data: dict | None) -> str:
 
 
 def results_table() -> str:
-    evals = _load_evals()
+    evals, earlier = _load_evals(), _load_evals(which="earlier")
     in_progress = _nerd_in_progress()
     lines = [
-        "| set | σ | nerd (ours, shipped) | iterations | s/image | DnCNN-S | BM3D | NERD (paper, published) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| set | σ | nerd (ours, shipped) | iterations | s/image | nerd, 17 iterations | DnCNN-S | BM3D "
+        "| NERD (paper, published) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for set_name in TABLE_SETS:
         for sigma in TABLE_SIGMAS:
@@ -116,9 +153,11 @@ def results_table() -> str:
             secs = f"{nerd['means']['seconds']:.1f}" if nerd else "–"
             if nerd and str(nerd.get("meta", {}).get("device", "cpu")).startswith("cuda"):
                 secs += " (GPU)"  # scored on a GPU (same float32 protocol); its seconds are not a CPU's
+            before = earlier.get(("nerd", set_name, sigma))
             paper = PAPER_NERD.get((set_name, sigma))
             paper_cell = f"{paper[0]:.2f} / {paper[1]:.4f}" if paper else "–"
-            row = [set_name, str(sigma), cells[0], iters, secs, cells[1], cells[2], paper_cell]
+            row = [set_name, str(sigma), cells[0], iters, secs, _cell(before) if before else "–", cells[1], cells[2],
+                   paper_cell]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -134,11 +173,14 @@ CBM3D_PUBLISHED = {("CBSD68", 15): 33.52, ("CBSD68", 25): 30.71, ("CBSD68", 50):
 def _colour_reports() -> dict[tuple[str, str, int], dict]:
     """Colour `nerd eval` results by (method, set, sigma), from reports and from the partial files of runs not
     finished yet (the one with more images where both exist): method "nerd:<colour method>" for NERD with the
-    shipped weights as they are now, "cbm3d". Each value: {"rows": {image: row}, "meta": ..., "complete": bool}."""
-    from nerd.evaluate import check_row, digest
-    from nerd.weights import read_metadata, shipped
+    shipped weights' tensors as they are now (the solver that ran is in the report), "cbm3d". Each value:
+    {"rows": {image: row}, "meta": ..., "complete": bool}."""
+    from safetensors.torch import load_file
 
-    shipped_sha = {name: read_metadata(path)["sha256"] for name, path in shipped().items()}
+    from nerd.evaluate import check_row, digest
+    from nerd.weights import shipped, tensors_sha256
+
+    shipped_sha = {name: tensors_sha256(load_file(str(path))) for name, path in shipped().items()}
     found: dict[tuple[str, str, int], dict] = {}
     for path in sorted((RESULTS / "eval").glob("eval-*-s*.json*")):
         if not (path.name.endswith(".json") or path.name.endswith(".json.partial")):
@@ -160,7 +202,7 @@ def _colour_reports() -> dict[tuple[str, str, int], dict]:
         if not meta.get("colour"):
             continue
         if method == "nerd":
-            used = meta.get("weights_sha256") or {}
+            used = meta.get("weights_tensors_sha256") or {}
             if not used or any(shipped_sha.get(name) != sha for name, sha in used.items()):
                 continue  # weights since replaced, or not shipped ones
             method = f"nerd:{meta.get('colour_method')}"
@@ -314,11 +356,11 @@ def ensemble_eval_table() -> str:
     (which is not ensembled): whole sets only, and those under way (a resumable partial file) say how far they are."""
     from nerd.config import ENSEMBLES
 
-    single = _load_evals()  # one solve each (NERD's single solves, BM3D)
+    single = _load_evals(which="earlier")  # one solve each at 17 iterations, as the self-ensembles ran (and BM3D)
     lines = ["| set | σ | solves | nerd, one solve | nerd, mean of the solves | gain (dB) | BM3D | vs BM3D (dB) "
              "| ahead of BM3D on | s/image |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    runs = {n: (_load_evals(n), _nerd_in_progress(n)) for n in ENSEMBLES[1:]}
+    runs = {n: (_load_evals(n, "earlier"), _nerd_in_progress(n, "earlier")) for n in ENSEMBLES[1:]}
     for set_name in TABLE_SETS:
         for sigma in TABLE_SIGMAS:
             for n, (evals, in_progress) in runs.items():
