@@ -302,8 +302,10 @@ def _run_colour(args: argparse.Namespace, sets: dict, data_root: Path, out: Path
             except ImportError:
                 raise UserError("--method cbm3d needs the bm3d package: pip install 'nerd[bm3d]'") from None
             return cbm3d, None, {"profile": "np", "num_threads": 1, "bm3d": getattr(bm3d, "__version__", "?")}, False
+        from safetensors.torch import load_file
+
         from nerd.colour import ColourWeights
-        from nerd.weights import load_weights, read_metadata, resolve
+        from nerd.weights import load_weights, resolve, tensors_sha256
 
         if args.weights:  # that one file for every plane
             model, info = load_weights(args.weights, device=args.device)
@@ -314,9 +316,12 @@ def _run_colour(args: argparse.Namespace, sets: dict, data_root: Path, out: Path
         files = sorted(plan.solves)
         base = weights.model(files[0]).solver
         solver = base.override(name=args.solver, max_iter=args.iters, tol=args.tol)
-        shas = {name: read_metadata(resolve(args.weights) if args.weights else name)["sha256"] for name in files}
+        # The tensors' checksum (not the file's, which also covers the file's own solver setting): the solver that
+        # ran is recorded beside it, so a file whose default max_iter changed does not void rows of the same weights.
+        shas = {name: tensors_sha256(load_file(str(resolve(args.weights) if args.weights else resolve(name))))
+                for name in files}
         meta = {"colour_method": weights.method.name, "plan": plan.describe(), "weights": files,
-                "weights_sha256": shas, "sha256": digest(shas), "solver": dataclasses.asdict(solver),
+                "weights_tensors_sha256": shas, "sha256": digest(shas), "solver": dataclasses.asdict(solver),
                 "device": args.device}
         name = weights.method.name + (f"-{Path(args.weights).stem}" if args.weights else "")
         return nerd_colour(weights, solver, args.device), name, meta, True
