@@ -4,8 +4,10 @@
 # Runs the time-budgeted recipes of configs/gpu/ named in RUNS (an earlier run's recipe: configs/history/gpu/) side by
 # side on the one GPU (small models leave most of an H100 idle, so two processes share it better than one after the
 # other), each with bf16 autocast. The default,
-# RUNS=s25w, is the next step for sigma 25: configs/gpu/nerd-s25w-gpu.toml grows the shipped lineage's small model
-# wider (hidden x8, nerd.models.grow) from runs/nerd-s25-gpu/last.pt, which is committed. The first call ran
+# RUNS=p25, trains the paper's model (preset "paper": 128 features, q 65) from scratch at sigma 25
+# (configs/gpu/nerd-p25-gpu.toml; the attention runs flex_attention's block-sparse kernel on CUDA) and returns its
+# checkpoint. RUNS=s25w is the small lineage's next step: configs/gpu/nerd-s25w-gpu.toml grows the shipped small
+# model wider (hidden x8, nerd.models.grow) from runs/nerd-s25-gpu/last.pt, which is committed. The first call ran
 # RUNS="s25 m25" (continue the CPU's nerd-s25d weights; the wider preset m from scratch).
 # Each run ends by itself when its `train.minutes` are spent (the cosine schedule follows that budget); a hard
 # deadline (SIGTERM: checkpoint, then stop) guards the call's time limit. A run that fails at once under bf16 is
@@ -36,7 +38,7 @@ OUT=${OUT:-gpu_out}
 DEVICE=${DEVICE:-cuda}
 DEADLINE=${DEADLINE:-480}   # seconds after the start at which every run still going gets SIGTERM
 STEPS=${STEPS:-}            # an optimiser-step cap (for a CPU test of this script)
-RUNS=${RUNS:-s25w}
+RUNS=${RUNS:-p25}
 MINUTES=${MINUTES:-}        # override of train.minutes
 EVAL_ABOVE=${EVAL_ABOVE:-}  # score runs whose best validation PSNR exceeds this (dB); empty: score nothing
 EVAL_SETS=${EVAL_SETS:-"Set12 BSD68"}

@@ -77,3 +77,42 @@ def test_no_kernel_falls_back_to_sdpa(monkeypatch):
 def test_other_dtypes_use_sdpa():
     q = torch.zeros(1, 1, 4, 4, 8, dtype=torch.bfloat16)
     assert not attention_kernel.usable(q)
+
+
+# --- the CUDA path: flex_attention over tile-ordered tokens (its forward is checked here on the CPU, unfused)
+
+FLEX_CASES = [((2, 3, 13, 11, 16), 7), ((1, 2, 9, 17, 5), 5), ((1, 1, 6, 5, 8), 33), ((1, 2, 23, 37, 12), 9)]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("shape,window", FLEX_CASES)
+def test_flex_path_equals_the_plain_formula(shape, window):
+    from nerd.models import attention_flex
+
+    q, k, v = qkv(shape, torch.float64, seed=7)
+    torch.testing.assert_close(attention_flex.attention(q, k, v, window), reference_attention(q, k, v, window),
+                               rtol=0, atol=1e-12)
+
+
+def test_flex_block_mask_skips_the_blocks_outside_every_window():
+    """On a 128² image at q 33, each 8x16 query block meets far fewer than all 128 key blocks."""
+    from nerd.models import attention_flex
+
+    mask = attention_flex._block_mask(128, 128, 16, "cpu")
+    assert mask.sparsity() > 60  # percent of (query block, key block) pairs skipped
+
+
+@pytest.mark.gpu
+def test_flex_path_on_cuda_matches_the_plain_formula_with_gradients():
+    from nerd.models import attention_flex
+
+    q, k, v = (t.cuda().requires_grad_() for t in qkv((2, 2, 37, 45, 16), torch.float32, seed=8))
+    weight = torch.randn(q.shape, device="cuda")
+    outs, grads = [], []
+    for fn in (attention_flex.attention, reference_attention):
+        out = fn(q, k, v, 9)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * weight).sum(), (q, k, v)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    for got, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)

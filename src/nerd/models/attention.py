@@ -5,8 +5,9 @@ keys outside the image do not exist (they are masked), so a corner pixel attends
 r = q // 2. When q >= 2 max(H, W) - 1 every window covers the whole image and attention is global.
 
 `neighbourhood_attention` computes this exactly. On the CPU it runs a C++ kernel that visits only the keys of each
-window (`nerd.models.attention_kernel`, compiled on first use); elsewhere, or where that kernel cannot be built, it
-uses PyTorch's fused `scaled_dot_product_attention` (the SDPA path):
+window (`nerd.models.attention_kernel`, compiled on first use); on CUDA it runs flex_attention's block-sparse kernel
+(`nerd.models.attention_flex`); elsewhere, or where neither can run, it uses PyTorch's fused
+`scaled_dot_product_attention` (the SDPA path):
 
 * small images: one masked attention over all H*W tokens (or unmasked, when the window covers everything);
 * large images: the queries are cut into b x b tiles; each tile attends to its (b + 2r)^2 halo with a mask
@@ -23,12 +24,13 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nerd.models import attention_kernel
+from nerd.models import attention_flex, attention_kernel
 
 # Upper bound on the elements of the score matrices (B * tiles * heads * L * K) handled by one SDPA call.
 _CHUNK_ELEMENTS = 1 << 27
@@ -95,7 +97,21 @@ def neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block:
     """
     if attention_kernel.usable(q):
         return attention_kernel.attention(q, k, v, window)
+    if q.is_cuda and _flex_usable():
+        try:
+            return attention_flex.attention(q, k, v, window)
+        except Exception as err:  # a CUDA stack whose compiler cannot build the kernel: SDPA from then on
+            _FLEX_FAILED.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+            print(f"nerd: flex_attention failed ({_FLEX_FAILED[0]}); using the SDPA path", file=sys.stderr, flush=True)
     return sdpa_attention(q, k, v, window, block)
+
+
+_FLEX_FAILED: list[str] = []  # the first failure of the CUDA flex_attention path in this process, if any
+
+
+def _flex_usable() -> bool:
+    """CUDA's flex_attention path: unless NERD_ATTENTION=sdpa, it failed once already, or torch lacks it."""
+    return attention_kernel.enabled() and not _FLEX_FAILED and attention_flex.available()
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, window: int, block: int = 16) -> Tensor:
