@@ -926,6 +926,50 @@ def pnp_table() -> str:
     return "\n".join(lines)
 
 
+def process_table() -> str:
+    """results/bench/process.json (`scripts/process_bench.py`): whole `nerd denoise` processes against whole BM3D
+    processes on the same noisy files, and what the budget gives up against 17 iterations."""
+    path = RESULTS / "bench" / "process.json"
+    if not path.is_file():
+        return "_not measured yet: `python scripts/process_bench.py`_"
+    data = json.loads(path.read_text())
+    m = data["meta"]
+    lines = [f"`python scripts/process_bench.py` ({m['cpu']}, {m['capability']}, {m['cores']} cores, torch "
+             f"{m['torch']}, attention: {m['attention']}; σ {m['sigma']:g}; medians of "
+             f"{len(data['rows'][0]['times']['nerd'])} interleaved runs; 1-minute load {m['loadavg_start']:.1f} at "
+             f"the start, {m['loadavg_end']:.1f} at the end):", "",
+             "| image | nerd denoise (s) | BM3D (s) | nerd / BM3D time | nerd PSNR | BM3D PSNR "
+             "| nerd, 17 iterations: s, PSNR | budget's PSNR loss (dB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in data["rows"]:
+        sec, db = r["seconds"], r["psnr"]
+        lines.append(f"| {r['image']} | {sec['nerd']:.1f} | {sec['bm3d']:.1f} | {sec['nerd'] / sec['bm3d']:.2f}× "
+                     f"| {db['nerd']:.2f} | {db['bm3d']:.2f} | {sec['nerd 17 it']:.1f}, {db['nerd 17 it']:.2f} "
+                     f"| {db['nerd'] - db['nerd 17 it']:+.3f} |")
+    return "\n".join(lines)
+
+
+def train_speed_table() -> str:
+    """results/bench/train-speed.json (`scripts/train_speed.py`): training steps with the CPU attention kernel
+    against the SDPA path, one process, the same seed."""
+    path = RESULTS / "bench" / "train-speed.json"
+    if not path.is_file():
+        return "_not measured yet: `python scripts/train_speed.py`_"
+    data = json.loads(path.read_text())
+    m = data["meta"]
+    n = len(data["times"]["kernel"])
+    lines = [f"`python scripts/train_speed.py` ({m['recipe']}'s settings at {m['crop']}² crops × {m['batch']}, "
+             f"Broyden {m['train_iters']}, {m['grad']} gradient steps; {m['capability']}, {m['threads']} threads, "
+             f"torch {m['torch']}; medians of {n} steps each, interleaved in blocks of two):", "",
+             "| attention | s/step | crops/s | speed-up |", "| --- | ---: | ---: | ---: |"]
+    for name in ("sdpa", "kernel"):
+        lines.append(f"| {name} | {data['seconds_per_step'][name]:.2f} | {data['crops_per_second'][name]:.2f} | "
+                     f"{data['crops_per_second'][name] / data['crops_per_second']['sdpa']:.2f}× |")
+    lines += ["", f"Both runs drew the same crops: their losses differ by at most {data['loss_max_rel_difference']:.1e} "
+              f"(relative) over the {len(data['losses']['kernel'])} steps."]
+    return "\n".join(lines)
+
+
 # Each block's maker takes the folder of the page that shows it (for the links inside the block).
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "results": lambda base: results_table(),
@@ -949,6 +993,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "large-image": lambda base: large_image_table(),
     "onnx": lambda base: onnx_table(),
     "pnp": lambda base: pnp_table(),
+    "process": lambda base: process_table(),
+    "train-speed": lambda base: train_speed_table(),
     "speed-now": lambda base: _optional("nerd.lab.bench_report", "markdown_tables", RESULTS / "bench" / "after-malloc"
                                         / "bench-cpu.json", _link(RESULTS / "bench" / "after-malloc", base), 3),
     "experiments": lambda base: _optional("nerd.lab.experiments", "markdown_summary", RESULTS / "experiments", base),
