@@ -221,6 +221,8 @@ def test_handlers_turn_errors_into_messages_on_the_page(engine: Engine, tmp_path
     pair, report, *_, outcome = outputs
     assert pair[0].shape == pair[1].shape == (33, 29) and "3 iterations" in report and len(outcome.frames) == 3
     assert ticks[0] == 0.0 and ticks[-1] == 1.0 and len(ticks) == 4
+    own = handle_denoise(engine, str(_image(tmp_path / "g.png", (33, 29))), False, 25.0, 0)[-1]  # 0: the weights'
+    assert own.summary.max_iter == engine.budgets()[str(engine.weights)] == 17  # the tiny preset's SolverConfig
     assert build_app(engine) is not None  # builds without launching
 
 
@@ -234,14 +236,34 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def page(engine: Engine):
-    """The page served on a free localhost port in this process, and its URL."""
-    from nerd.serve import launch
+def page(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`nerd serve` in its own process on a free localhost port (its server threads apart from pytest's), its URL;
+    stopped with SIGTERM, as a service manager would."""
+    from urllib.request import urlopen
 
     port = _free_port()
-    app = launch(engine, port=port, block=False)
-    yield f"http://127.0.0.1:{port}/"
-    app.close()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "nerd", "serve", "--port", str(port), "--weights",
+                                   str(tiny_weights), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+
+    def up() -> bool:
+        if server.poll() is not None:
+            raise RuntimeError(f"nerd serve exited with {server.returncode}: {log.read_text()[-2000:]}")
+        with urlopen(url, timeout=5) as response:
+            return response.status == 200
+
+    try:
+        _wait(up, 120, what="nerd serve to answer", errors=(OSError,))
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 @pytest.fixture
@@ -265,17 +287,47 @@ def browser(tmp_path: Path):
     chrome.quit()
 
 
-def _wait(condition, seconds: float = 60, what: str = "the page") -> object:
+def _wait(condition, seconds: float = 60, what: str = "the page", errors: tuple[type, ...] = (Exception,)) -> object:
+    """condition()'s first truthy value within `seconds`, `errors` counting as not yet."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             found = condition()
-        except Exception:  # an element not there yet, or replaced while read
+        except errors:  # an element not there yet, or replaced while read; a server not up yet
             found = None
         if found:
             return found
         time.sleep(0.2)
     raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
+
+
+def _uploaded(browser) -> None:
+    """Wait until the upload box links the file on the server (the upload finished: a click before that is
+    refused by the page)."""
+    from selenium.webdriver.common.by import By
+
+    _wait(lambda: [a for a in browser.find_elements(By.CSS_SELECTOR, "#upload a")
+                   if "file=" in (a.get_attribute("href") or "")], what="the upload to finish")
+
+
+def _page_text(browser) -> str:
+    from selenium.webdriver.common.by import By
+
+    return " ".join(browser.find_element(By.TAG_NAME, "body").text.split())
+
+
+def _click(browser, elem_id: str) -> None:
+    """Click the element of that id once it is shown and nothing lies over it (the page moves while it renders)."""
+    from selenium.webdriver.common.by import By
+
+    def click() -> bool:
+        element = browser.find_element(By.ID, elem_id)
+        if not element.is_displayed():
+            return False
+        element.click()
+        return True
+
+    _wait(click, 30, what=f"#{elem_id} to take a click")
 
 
 @pytest.mark.browser
@@ -288,9 +340,13 @@ def test_the_page_denoises_an_upload_in_a_real_browser(page: str, browser, tmp_p
     browser.get(page)
     upload = _wait(lambda: browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]"), what="the upload")
     upload.send_keys(str(src))
-    _wait(lambda: "noisy" in browser.find_element(By.ID, "upload").text, what="the uploaded file's name")
-    browser.find_element(By.ID, "denoise").click()
-    report = _wait(lambda: "iterations" in (t := browser.find_element(By.ID, "report").text) and t, what="the report")
+    _uploaded(browser)
+    _click(browser, "denoise")
+    try:
+        report = _wait(lambda: "iterations" in (t := browser.find_element(By.ID, "report").text) and t, 120,
+                       what="the report")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; the page says: {_page_text(browser)[:1500]}") from None
     assert "sigma" in report and "45x37" in report
     sources = _wait(lambda: [i.get_attribute("src") for i in browser.find_elements(By.CSS_SELECTOR, "#compare img")
                              if i.get_attribute("src")][:2], what="the compare slider's images")
@@ -298,7 +354,7 @@ def test_the_page_denoises_an_upload_in_a_real_browser(page: str, browser, tmp_p
     assert noisy.shape == denoised.shape == (37, 45)
     np.testing.assert_array_equal(noisy, np.asarray(Image.open(src)))
     assert np.abs(denoised - noisy).mean() > 1  # the denoised image came back, and it is not the input
-    browser.find_element(By.ID, "download").click()
+    _click(browser, "download")
     downloaded = _wait(lambda: [p for p in (tmp_path / "downloads").glob("*.png")], what="the download")[0]
     result = np.asarray(Image.open(downloaded))
     assert downloaded.name == "noisy-denoised.png" and result.shape == (37, 45)
@@ -315,8 +371,8 @@ def test_the_page_shows_a_bad_file_in_one_line(page: str, browser, tmp_path: Pat
     browser.get(page)
     _wait(lambda: browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]"), what="the upload").send_keys(
         str(bad))
-    _wait(lambda: "broken" in browser.find_element(By.ID, "upload").text, what="the uploaded file's name")
-    browser.find_element(By.ID, "denoise").click()
+    _uploaded(browser)
+    _click(browser, "denoise")
     _wait(lambda: "broken.png: not an image file" in browser.find_element(By.TAG_NAME, "body").text,
           what="the error message")
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text

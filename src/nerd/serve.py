@@ -264,16 +264,14 @@ class Engine:
             raise ServeError("no shipped weights are installed to choose from; start with --weights NAME|PATH")
         return found
 
-    def budget(self) -> int:
-        """The iteration dial's default: the solver budget (max_iter) stored with the weights (the given ones, or
-        the shipped weights for the bundled sample's sigma)."""
+    def budgets(self) -> dict[str, int]:
+        """{weights name: the solver budget (max_iter) stored with it}: what a solve runs when the iteration dial is
+        left at 0 (shipped: 6 at sigma 15 and 25, 11 at 50)."""
         from nerd.config import solver_config_from_json
-        from nerd.denoise import SAMPLE_SIGMA
-        from nerd.weights import nearest, read_metadata, resolve
+        from nerd.weights import read_metadata, resolve
 
-        trained = self.trained()
-        name = nearest(SAMPLE_SIGMA, trained)
-        return int(solver_config_from_json(read_metadata(resolve(name))["solver"]).max_iter)
+        return {name: int(solver_config_from_json(read_metadata(resolve(name))["solver"]).max_iter)
+                for name in self.trained()}
 
     def read(self, path: str | Path) -> Any:
         """The upload as a `nerd.io.Picture` (gray (H, W) or colour (H, W, 3) on [0, 1]), checked as `nerd denoise`
@@ -507,7 +505,8 @@ def handle_denoise(engine: Engine, file: str | None, estimate: bool, sigma: floa
     try:
         if progress is not None:
             progress(0.0, "reading the image")
-        outcome = engine.denoise(file, sigma=None if estimate else sigma, iters=int(iters), progress=progress)
+        outcome = engine.denoise(file, sigma=None if estimate else sigma, iters=int(iters) or None,
+                                 progress=progress)
     except NerdError as err:
         raise gr.Error(" ".join(str(err).split()), print_exception=False) from None
     last = max(len(outcome.frames) - 1, 0)
@@ -547,7 +546,8 @@ def build_app(engine: Engine) -> Any:
         gradio.Blocks.
     """
     gr = require_gradio()
-    budget = engine.budget()
+    budgets = engine.budgets()
+    own = ", ".join(f"{_label(name)} {n}" for name, n in budgets.items())
 
     def on_denoise(file: str | None, estimate: bool, sigma: float | None, iters: float,
                    progress: Any = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008 -- gradio's way to ask for it
@@ -568,9 +568,9 @@ def build_app(engine: Engine) -> Any:
                 estimate = gr.Checkbox(value=True, label="Estimate σ from the image", elem_id="estimate")
                 sigma = gr.Number(value=25.0, minimum=0.1, maximum=255, label="σ (noise std, 0–255 scale)",
                                   elem_id="sigma")
-                iters = gr.Slider(1, max(2 * budget, 30), value=budget, step=1, label="Solver iterations (cap)",
-                                  info=f"the weights' own budget is {budget}; fewer: faster, a little worse",
-                                  elem_id="iters")
+                iters = gr.Slider(0, max(2 * max(budgets.values()), 30), value=0, step=1,
+                                  label="Solver iterations (cap)", elem_id="iters",
+                                  info=f"0: the weights' own budget ({own}); fewer: faster, more: closer to z*")
                 run = gr.Button("Denoise", variant="primary", elem_id="denoise")
                 download = gr.DownloadButton("Download the result", visible=False, elem_id="download")
             with gr.Column(scale=2):
@@ -597,7 +597,9 @@ def build_app(engine: Engine) -> Any:
         sample.click(on_sample, outputs=[upload, estimate, sigma])
         run.click(on_denoise, inputs=[upload, estimate, sigma, iters],
                   outputs=[compare, summary, download, scrub, frame, caption, curve, steps, quality, state])
-        scrub.change(handle_scrub, inputs=[scrub, state], outputs=[frame, caption], show_progress="hidden")
+        # on the user's moves only: a .change would also fire on the Denoise button's update of the slider, and
+        # gradio would write the same frame's cached file again while the browser reads it
+        scrub.input(handle_scrub, inputs=[scrub, state], outputs=[frame, caption], show_progress="hidden")
     return app
 
 
