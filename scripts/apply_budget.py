@@ -1,6 +1,6 @@
 """Write the inference budget chosen on held-out images into the shipped weights files.
 
-    python scripts/apply_budget.py            # reads results/budget/budget.json, rewrites src/nerd/weights/*.safetensors
+    python scripts/apply_budget.py     # reads results/budget/budget.json, rewrites src/nerd/weights/*.safetensors
 
 For each shipped file, the budget is the iteration cap that `scripts/choose_budget.py` measured on the images held out
 of Train400 (the smallest cap from which every longer cap stays within 0.01 dB of the 17-iteration solve; the rule

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,12 +34,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA255 = 25.0
-BM3D = """import sys, numpy as np, bm3d
+BM3D = f"""import sys, numpy as np, bm3d
 from PIL import Image
 y = np.asarray(Image.open(sys.argv[1]), dtype=np.float64) / 255
-x_hat = bm3d.bm3d_rgb(y, {s} / 255) if y.ndim == 3 else bm3d.bm3d(y, {s} / 255)
+x_hat = bm3d.bm3d_rgb(y, {SIGMA255} / 255) if y.ndim == 3 else bm3d.bm3d(y, {SIGMA255} / 255)
 Image.fromarray((np.clip(x_hat, 0, 1) * 255).round().astype(np.uint8)).save(sys.argv[2])
-""".format(s=SIGMA255)
+"""
 
 
 def cases(data: Path) -> list[tuple[str, np.ndarray]]:
@@ -87,16 +86,6 @@ def timed(cmd: list[str]) -> float:
     return seconds
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("NERD_DATA") or str(ROOT / ".." / "shared" / "data"))
@@ -138,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                          "psnr": {k: psnr(p, x) for k, p in outs.items()},
                          "commands": {k: [Path(c).name if c.startswith(tmp) else c for c in v]
                                       for k, v in cmds.items()}})
+    from nerd.lab.bench import device_name
     from nerd.models import attention_kernel
 
-    meta = {"script": "scripts/process_bench.py", "argv": sys.argv[1:], "cpu": cpu_model(),
+    meta = {"script": "scripts/process_bench.py", "argv": sys.argv[1:], "cpu": device_name(torch.device("cpu")),
             "capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "sigma": SIGMA255,
             "attention": "kernel" if attention_kernel.enabled() and attention_kernel.load() is not None else "sdpa",

@@ -303,14 +303,20 @@ def colour_study_table() -> str:
     return "\n".join(out)
 
 
+def _latest_evals() -> dict[tuple[str, str, int], dict]:
+    """`_load_evals()`, falling back per cell to the same weights' reports at the earlier 17 iterations where the
+    budget's are not measured yet (the tables that use it name the iterations of each row)."""
+    return {**_load_evals(which="earlier"), **_load_evals()}
+
+
 def vs_bm3d_table() -> str:
     """Per image, the shipped NERD against BM3D wherever both scored a whole set: the mean gap, on how many images
     NERD is ahead, and the median / worst per-image difference (a mean alone hides whether a few images carry it)."""
     import statistics
 
-    evals = _load_evals()
-    lines = ["| set | σ | images | NERD − BM3D, mean (dB) | NERD ahead on | median (dB) | worst (dB, image) "
-             "| best (dB, image) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    evals = _latest_evals()
+    lines = ["| set | σ | NERD iterations | images | NERD − BM3D, mean (dB) | NERD ahead on | median (dB) "
+             "| worst (dB, image) | best (dB, image) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for set_name in TABLE_SETS:
         for sigma in TABLE_SIGMAS:
             nerd, bm3d = evals.get(("nerd", set_name, sigma)), evals.get(("bm3d", set_name, sigma))
@@ -321,7 +327,7 @@ def vs_bm3d_table() -> str:
             if not named:
                 continue
             diff = [d for d, _ in named]
-            row = [set_name, str(sigma), str(len(diff)), f"{sum(diff) / len(diff):+.2f}",
+            row = [set_name, str(sigma), str(nerd["meta"]["solver"]["max_iter"]), str(len(diff)), f"{sum(diff) / len(diff):+.2f}",
                    f"{sum(d > 0 for d in diff)} of {len(diff)}", f"{statistics.median(diff):+.2f}",
                    f"{named[0][0]:+.2f} ({named[0][1]})", f"{named[-1][0]:+.2f} ({named[-1][1]})"]
             lines.append("| " + " | ".join(row) + " |")
@@ -334,9 +340,9 @@ def solver_table() -> str:
     the results table's)."""
     import statistics
 
-    evals = _load_evals()
-    lines = ["| set | σ | images | reached tol | residual, median | residual, largest (image) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    evals = _latest_evals()
+    lines = ["| set | σ | iteration cap | images | reached tol | residual, median | residual, largest (image) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for set_name in TABLE_SETS:
         for sigma in TABLE_SIGMAS:
             nerd = evals.get(("nerd", set_name, sigma))
@@ -345,7 +351,7 @@ def solver_table() -> str:
                 continue
             tol = nerd["meta"]["solver"]["tol"]
             worst = max(rows, key=lambda r: r["residual"])
-            lines.append(f"| {set_name} | {sigma} | {len(rows)} | {sum(bool(r.get('converged')) for r in rows)} "
+            lines.append(f"| {set_name} | {sigma} | {nerd['meta']['solver']['max_iter']} | {len(rows)} | {sum(bool(r.get('converged')) for r in rows)} "
                          f"(tol {tol:g}) | {statistics.median(r['residual'] for r in rows):.1e} "
                          f"| {worst['residual']:.1e} ({worst['name']}) |")
     return "\n".join(lines)
@@ -750,6 +756,17 @@ def attention_ab_table() -> str:
                                f"| {r['max_abs_diff']:.1e} |")
 
 
+def kernel_ab_table() -> str:
+    """results/bench/attention-kernel-ab.json (`scripts/ab_attention.py --out ...`): the CPU attention kernel against
+    the SDPA path of the revision before it."""
+    return _ab_table("attention-kernel-ab.json", "ab_attention.py --rev REV --out results/bench/"
+                     "attention-kernel-ab.json", "runs",
+                     lambda data: ["case", f"SDPA path ({data['meta']['rev']}), s", "kernel, s", "speed-up",
+                                   "max abs. difference"],
+                     lambda r: f"| {r['case']} | {r['before_s']:.3f} | {r['now_s']:.3f} | {r['speedup']:.2f}× "
+                               f"| {r['max_abs_diff']:.1e} |")
+
+
 def malloc_ab_table() -> str:
     """results/bench/malloc-ab.json (`scripts/ab_malloc.py`): whole `nerd eval` processes per malloc setting."""
 
@@ -965,8 +982,9 @@ def train_speed_table() -> str:
     for name in ("sdpa", "kernel"):
         lines.append(f"| {name} | {data['seconds_per_step'][name]:.2f} | {data['crops_per_second'][name]:.2f} | "
                      f"{data['crops_per_second'][name] / data['crops_per_second']['sdpa']:.2f}× |")
-    lines += ["", f"Both runs drew the same crops: their losses differ by at most {data['loss_max_rel_difference']:.1e} "
-              f"(relative) over the {len(data['losses']['kernel'])} steps."]
+    diff = data["loss_max_rel_difference"]
+    lines += ["", f"Both runs drew the same crops: their losses differ by at most {diff:.1e} (relative) over the "
+              f"{len(data['losses']['kernel'])} steps."]
     return "\n".join(lines)
 
 
@@ -985,6 +1003,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "validate-s50d": lambda base: validate_table("validate-s50d", "validate-s50d-whole"),
     "speed": speed_tables,
     "attention-ab": lambda base: attention_ab_table(),
+    "kernel-ab": lambda base: kernel_ab_table(),
     "malloc-ab": lambda base: malloc_ab_table(),
     "tiling": lambda base: tiling_table(),
     "ensemble": lambda base: ensemble_table(),
