@@ -316,7 +316,7 @@ def vs_bm3d_table() -> str:
 
     evals = _latest_evals()
     lines = ["| set | σ | NERD iterations | images | NERD − BM3D, mean (dB) | NERD ahead on | median (dB) "
-             "| worst (dB, image) | best (dB, image) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| worst (dB, image) | best (dB, image) |", "| --- | ---: |" + " ---: |" * 7]
     for set_name in TABLE_SETS:
         for sigma in TABLE_SIGMAS:
             nerd, bm3d = evals.get(("nerd", set_name, sigma)), evals.get(("bm3d", set_name, sigma))
@@ -327,7 +327,8 @@ def vs_bm3d_table() -> str:
             if not named:
                 continue
             diff = [d for d, _ in named]
-            row = [set_name, str(sigma), str(nerd["meta"]["solver"]["max_iter"]), str(len(diff)), f"{sum(diff) / len(diff):+.2f}",
+            cap = str(nerd["meta"]["solver"]["max_iter"])
+            row = [set_name, str(sigma), cap, str(len(diff)), f"{sum(diff) / len(diff):+.2f}",
                    f"{sum(d > 0 for d in diff)} of {len(diff)}", f"{statistics.median(diff):+.2f}",
                    f"{named[0][0]:+.2f} ({named[0][1]})", f"{named[-1][0]:+.2f} ({named[-1][1]})"]
             lines.append("| " + " | ".join(row) + " |")
@@ -351,7 +352,8 @@ def solver_table() -> str:
                 continue
             tol = nerd["meta"]["solver"]["tol"]
             worst = max(rows, key=lambda r: r["residual"])
-            lines.append(f"| {set_name} | {sigma} | {nerd['meta']['solver']['max_iter']} | {len(rows)} | {sum(bool(r.get('converged')) for r in rows)} "
+            reached = sum(bool(r.get("converged")) for r in rows)
+            lines.append(f"| {set_name} | {sigma} | {nerd['meta']['solver']['max_iter']} | {len(rows)} | {reached} "
                          f"(tol {tol:g}) | {statistics.median(r['residual'] for r in rows):.1e} "
                          f"| {worst['residual']:.1e} ({worst['name']}) |")
     return "\n".join(lines)
