@@ -1,6 +1,6 @@
 """Training crops per second with the CPU attention kernel against the SDPA path, side by side in one process.
 
-    python scripts/train_speed.py                      # 24 steps each, interleaved: about 10 minutes on 2 cores
+    python scripts/train_speed.py                      # 8 steps each, interleaved: about 10 minutes on 2 cores
 
 The shipped recipe's CPU stage (the small preset, 48 features; 64² crops × 12, Broyden 6 in the forward, phantom
 gradient of 3 steps; configs/history/nerd-s25b.toml's settings at crop 64 and batch 12), from the same seed twice:
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=24, help="counted steps per path")
+    parser.add_argument("--steps", type=int, default=8, help="counted steps per path")
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "train-speed.json"))
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                     start = time.perf_counter()
                     loss, _ = run.train_step()
                     sec = time.perf_counter() - start
-                    losses[name].append(float(loss))
+                    losses[name].append(loss.item())
                     if b:  # the first block warms up
                         times[name].append(sec)
-                print(f"block {b}: {name} {sec:.2f} s/step, loss {float(loss):.6f}", flush=True)
+                print(f"block {b}: {name} {sec:.2f} s/step, loss {loss.item():.6f}", flush=True)
     os.environ.pop("NERD_ATTENTION", None)
     crops = {k: args.batch / statistics.median(v) for k, v in times.items()}
     diff = max(abs(a - b) / abs(b) for a, b in zip(losses["kernel"], losses["sdpa"], strict=True))

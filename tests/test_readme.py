@@ -129,7 +129,7 @@ def test_a_cell_not_measured_says_how_far_its_resumable_run_came(tmp_path, monke
     sha = read_metadata(shipped()["nerd-s25"])["sha256"]
     (tmp_path / "eval").mkdir()
     rows = [{"name": f"img_{i:03d}.png"} for i in range(3)]
-    for set_name, key_sha, iters in (("Urban100", sha, 17), ("BSD68", "0" * 64, 17), ("Set12", sha, 4)):
+    for set_name, key_sha, iters in (("Urban100", sha, _shipped_cap()), ("BSD68", "0" * 64, 17), ("Set12", sha, 4)):
         key = json.dumps({"method": "nerd", "set": set_name, "sigma": 25.0, "sha256": key_sha,
                           "solver": {"max_iter": iters}})
         (tmp_path / "eval" / f"eval-nerd-nerd-s25-{set_name}-s25.json.partial").write_text(
@@ -227,11 +227,11 @@ def test_vs_bm3d_compares_the_same_images(tmp_path, monkeypatch):
     for method, rows in (("nerd", nerd), ("bm3d", bm3d)):
         record = {"method": method, "set": "Set12", "sigma": 25.0, "limit": None,
                   "rows": [{"name": n, "psnr": p} for n, p in rows],
-                  "meta": {"sha256": sha, "solver": {"max_iter": 17}}}
+                  "meta": {"sha256": sha, "solver": {"max_iter": _shipped_cap()}}}
         (tmp_path / "eval" / f"eval-{method}-Set12-s25.json").write_text(json.dumps(record))
     monkeypatch.setattr(readme, "RESULTS", tmp_path)
     rows = readme.vs_bm3d_table().splitlines()[2:]
-    assert rows == ["| Set12 | 25 | 3 | -0.13 | 2 of 3 | +0.10 | -1.00 (b.png) | +0.50 (a.png) |"]
+    assert rows == [f"| Set12 | 25 | {_shipped_cap()} | 3 | -0.13 | 2 of 3 | +0.10 | -1.00 (b.png) | +0.50 (a.png) |"]
 
 
 def test_a_self_ensemble_is_reported_apart_from_the_single_solves(tmp_path, monkeypatch):
@@ -239,7 +239,8 @@ def test_a_self_ensemble_is_reported_apart_from_the_single_solves(tmp_path, monk
     (tmp_path / "eval").mkdir()
 
     def record(method: str, psnrs: list[float], ensemble: int = 1) -> dict:
-        meta = {"sha256": sha, "solver": {"max_iter": 17}, **({"ensemble": ensemble} if ensemble > 1 else {})}
+        meta = {"sha256": sha, "solver": {"max_iter": _shipped_cap()},
+                **({"ensemble": ensemble} if ensemble > 1 else {})}
         return {"method": method, "set": "Set12", "sigma": 25.0, "limit": None, "meta": meta,
                 "rows": [{"name": f"{i}.png", "psnr": p} for i, p in enumerate(psnrs)],
                 "means": {"psnr": sum(psnrs) / len(psnrs), "ssim": 0.8, "seconds": 4.0, "nfe": 17.0}}
@@ -251,7 +252,8 @@ def test_a_self_ensemble_is_reported_apart_from_the_single_solves(tmp_path, monk
         (tmp_path / "eval" / name).write_text(json.dumps(data))
     # a run under way at sigma 50: its partial file (key as `nerd eval --ensemble 4` writes it)
     key = json.dumps({"method": "nerd", "set": "BSD68", "sigma": 50.0, "ensemble": 4,
-                      "sha256": read_metadata(shipped()["nerd-s50"])["sha256"], "solver": {"max_iter": 17}})
+                      "sha256": read_metadata(shipped()["nerd-s50"])["sha256"],
+                      "solver": json.loads(read_metadata(shipped()["nerd-s50"])["solver"])})
     (tmp_path / "eval" / "eval-nerd-nerd-s50-x4-BSD68-s50.json.partial").write_text(
         json.dumps({"key": key, "rows": [{"name": "a.png"}]}))
     monkeypatch.setattr(readme, "RESULTS", tmp_path)
@@ -259,9 +261,9 @@ def test_a_self_ensemble_is_reported_apart_from_the_single_solves(tmp_path, monk
     assert main[0].split(" | ")[2] == "29.40 / 0.8000"  # the single solves, not the ensemble's 29.60
     assert main[1].split(" | ")[2] == "not measured"  # an ensemble under way is not the single-solve run
     rows = readme.ensemble_eval_table().splitlines()[2:]
-    assert rows[0] == ("| Set12 | 25 | 8 | 29.40 / 0.8000 | 29.60 / 0.8000 | +0.20 | 29.50 / 0.8000 | +0.10 "
-                       "| 1 of 2 | 4.0 |")
-    assert rows[1].startswith("| BSD68 | 50 | 4 | not measured | under way (1 images done, resumable) |")
+    assert rows[0] == (f"| Set12 | 25 | 8 | {_shipped_cap()} | 29.40 / 0.8000 | 29.60 / 0.8000 | +0.20 "
+                       "| 29.50 / 0.8000 | +0.10 | 1 of 2 | 4.0 |")
+    assert rows[1].startswith("| BSD68 | 50 | 4 | – | not measured | under way (1 images done, resumable) |")
 
 
 def test_a_run_validated_on_whole_images_is_marked_with_its_own_reference(tmp_path, monkeypatch):

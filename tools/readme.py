@@ -364,20 +364,29 @@ def ensemble_eval_table() -> str:
     (which is not ensembled): whole sets only, and those under way (a resumable partial file) say how far they are."""
     from nerd.config import ENSEMBLES
 
-    single = _load_evals(which="earlier")  # one solve each at 17 iterations, as the self-ensembles ran (and BM3D)
-    lines = ["| set | σ | solves | nerd, one solve | nerd, mean of the solves | gain (dB) | BM3D | vs BM3D (dB) "
-             "| ahead of BM3D on | s/image |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    runs = {n: (_load_evals(n, "earlier"), _nerd_in_progress(n, "earlier")) for n in ENSEMBLES[1:]}
+    # one solve each (NERD's single solves, BM3D) at the solver setting the self-ensemble ran with: the shipped
+    # budget, or the earlier 17 iterations on the same tensors
+    single = {"shipped": _load_evals(), "earlier": _load_evals(which="earlier")}
+    lines = ["| set | σ | solves | iterations | nerd, one solve | nerd, mean of the solves | gain (dB) | BM3D "
+             "| vs BM3D (dB) | ahead of BM3D on | s/image |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    runs = {}
+    for n in ENSEMBLES[1:]:
+        evals = {k: ("earlier", v) for k, v in _load_evals(n, "earlier").items()}
+        evals.update({k: ("shipped", v) for k, v in _load_evals(n).items()})
+        evals.update({("nerd", *k): ("earlier", None) for k in _nerd_in_progress(n, "earlier")
+                      if ("nerd", *k) not in evals})  # a run under way at 17 iterations compares with those
+        runs[n] = (evals, {**_nerd_in_progress(n, "earlier"), **_nerd_in_progress(n)})
     for set_name in TABLE_SETS:
         for sigma in TABLE_SIGMAS:
             for n, (evals, in_progress) in runs.items():
-                one, many = single.get(("nerd", set_name, sigma)), evals.get(("nerd", set_name, sigma))
-                theirs = single.get(("bm3d", set_name, sigma))
+                which, many = evals.get(("nerd", set_name, sigma), ("shipped", None))
+                one = single[which].get(("nerd", set_name, sigma))
+                theirs = single["shipped"].get(("bm3d", set_name, sigma))
                 if not many and (set_name, sigma) not in in_progress:
                     continue
                 if not many:
-                    row = [set_name, str(sigma), str(n), _cell(one),
+                    row = [set_name, str(sigma), str(n), "–", _cell(one),
                            f"under way ({in_progress[(set_name, sigma)]} images done, resumable)", "–", _cell(theirs),
                            "–", "–", "–"]
                 else:
@@ -386,11 +395,12 @@ def ensemble_eval_table() -> str:
                     vs = f"{psnr - theirs['means']['psnr']:+.2f}" if theirs else "–"
                     ref = {r["name"]: r["psnr"] for r in theirs["rows"]} if theirs else {}
                     ahead = [r["psnr"] > ref[r["name"]] for r in many["rows"] if r["name"] in ref]
-                    row = [set_name, str(sigma), str(n), _cell(one), _cell(many), gain, _cell(theirs), vs,
-                           f"{sum(ahead)} of {len(ahead)}" if ahead else "–", f"{many['means']['seconds']:.1f}"]
+                    row = [set_name, str(sigma), str(n), str(many["meta"]["solver"]["max_iter"]), _cell(one),
+                           _cell(many), gain, _cell(theirs), vs, f"{sum(ahead)} of {len(ahead)}" if ahead else "–",
+                           f"{many['means']['seconds']:.1f}"]
                 lines.append("| " + " | ".join(row) + " |")
     if len(lines) == 2:
-        lines.append("| no self-ensembled run yet | | | | | | | | | |")
+        lines.append("| no self-ensembled run yet | | | | | | | | | | |")
     return "\n".join(lines)
 
 
