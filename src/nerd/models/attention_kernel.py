@@ -13,6 +13,7 @@ torch.compile, or ``NERD_ATTENTION=sdpa`` in the environment.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import sys
@@ -42,13 +43,18 @@ def load() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = _FLAGS.get(capability, [])
-    name = f"nerd_na_{capability.lower()}"
+    flags = ["-O3", *_FLAGS.get(capability, [])]
+    text = SOURCE.read_bytes()
+    digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:12]
+    name = f"nerd_na_{capability.lower()}_{digest}"  # one build per source and flags, shared by every checkout
     build = Path(cpp_extension._get_build_directory(name, verbose=False))
-    if not (build / f"{name}.so").exists():
-        print("nerd: compiling the CPU attention kernel (once, about a minute)...", file=sys.stderr, flush=True)
+    source = build / "neighbourhood_attention.cpp"  # a fixed path: a build is reused from any install's copy
     try:
-        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *flags], verbose=False)
+        if not (build / f"{name}.so").exists():
+            print("nerd: compiling the CPU attention kernel (once, about a minute)...", file=sys.stderr, flush=True)
+        if not source.is_file() or source.read_bytes() != text:
+            source.write_bytes(text)
+        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, verbose=False)
     except Exception as err:  # no compiler, no headers, a failed build: the SDPA path gives the same result
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"nerd: the CPU attention kernel could not be built ({first}); using the slower SDPA path",
