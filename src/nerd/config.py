@@ -38,6 +38,12 @@ def check_ensemble(n: object, what: str = "ensemble") -> int:
     return int(n)  # type: ignore[call-overload]
 
 
+# Defaults at the command-line boundary, one owner each: the image-size limit of `nerd denoise` and `nerd serve`
+# (pixels, read from a file's header before decoding), where `nerd serve` listens and how large an upload it takes.
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_SERVE_HOST = "127.0.0.1"
+DEFAULT_MAX_UPLOAD_MB = 50.0
+
 MAX_CHANNELS = 1024  # 8x the paper's model (128): a bound for configs read from files (a few hundred MB at most)
 MAX_WINDOW = 1023
 MAX_ITER = 100_000

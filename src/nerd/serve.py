@@ -34,11 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from nerd.config import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB  # the CLI's defaults too
+from nerd.config import DEFAULT_SERVE_HOST as DEFAULT_HOST
 from nerd.errors import NerdError
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_MAX_UPLOAD_MB = 50.0
-DEFAULT_MAX_PIXELS = 50_000_000  # as `nerd denoise --max-pixels`
 VIEW_SIDE = 1024  # frames of the iteration view are kept at most this long a side (the download is full size)
 COMPARE_SIDE = 2048  # the compare slider's images likewise
 INPUT_TYPES = [".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"]

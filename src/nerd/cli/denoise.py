@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nerd.config import DEFAULT_MAX_PIXELS  # one owner: `nerd serve` reads it too
+
 EPILOG = """\
 scales: 8-bit pixels are read as pixel/255, 16-bit as pixel/65535; --sigma is always on the 0-255 scale
 (a 16-bit image with noise std 6425 of 65535 has --sigma 25). Output keeps the input's size and bit depth;
@@ -36,7 +38,6 @@ exit status 2 on bad input, with one line on stderr naming every unusable input,
 """
 
 
-DEFAULT_MAX_PIXELS = 50_000_000
 LONG_RUN_SECONDS = 60.0  # a run predicted to take longer says so, with its tiles, before it starts
 FORECAST_MIN_WORK = 2_000_000  # pixels x channels x iterations x symmetries below which no forecast is measured
 

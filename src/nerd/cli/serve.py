@@ -15,8 +15,8 @@ port can use the machine's CPU/GPU. Needs gradio: pip install 'nerd[serve]'.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from nerd.cli.denoise import DEFAULT_MAX_PIXELS
-    from nerd.serve import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_MB
+    from nerd.config import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB
+    from nerd.config import DEFAULT_SERVE_HOST as DEFAULT_HOST
 
     p = sub.add_parser(
         "serve", help="a local web page: drop an image, see it denoised and the equilibrium forming",

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nerd.models import attention_flex, attention_kernel
+import nerd.models.attention_flex as attention_flex
+import nerd.models.attention_kernel as attention_kernel
 
 # Upper bound on the elements of the score matrices (B * tiles * heads * L * K) handled by one SDPA call.
 _CHUNK_ELEMENTS = 1 << 27
