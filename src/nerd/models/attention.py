@@ -184,13 +184,19 @@ def _tile_plan(
     return plan
 
 
-@torch.compiler.disable
 def _cached_plan(
     h: int, w: int, r: int, t: int, device: torch.device, dtype: torch.dtype
 ) -> list[tuple[int, int, int, int, Tensor]]:
     """`_tile_plan` seen from torch.compile: a cache lookup it does not trace (it would trace, and so rebuild,
     the masks on every call); the masks enter the compiled graph as inputs."""
-    return _tile_plan(h, w, r, t, device, dtype)
+    return _untraced_plan()(h, w, r, t, device, dtype)
+
+
+@functools.cache
+def _untraced_plan():  # noqa: ANN202 -- `_tile_plan` wrapped by torch.compiler.disable
+    """Wrapped on first use: `torch.compiler.disable` imports torch._dynamo (over a second), which a process that
+    never takes the SDPA path should not pay for."""
+    return torch.compiler.disable(_tile_plan)
 
 
 def _tiled(q: Tensor, k: Tensor, v: Tensor, r: int, t: int) -> Tensor:
