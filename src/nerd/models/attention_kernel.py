@@ -43,7 +43,8 @@ def load() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", *_FLAGS.get(capability, [])]
+    # -fopenmp: at::parallel_for is inlined into this extension and runs its loop on one thread without it
+    flags = ["-O3", "-fopenmp", *_FLAGS.get(capability, [])]
     text = SOURCE.read_bytes()
     digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:12]
     name = f"nerd_na_{capability.lower()}_{digest}"  # one build per source and flags, shared by every checkout
@@ -54,7 +55,8 @@ def load() -> ModuleType | None:
             print("nerd: compiling the CPU attention kernel (once, about a minute)...", file=sys.stderr, flush=True)
         if not source.is_file() or source.read_bytes() != text:
             source.write_bytes(text)
-        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, verbose=False)
+        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                   verbose=False)
     except Exception as err:  # no compiler, no headers, a failed build: the SDPA path gives the same result
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"nerd: the CPU attention kernel could not be built ({first}); using the slower SDPA path",
