@@ -165,6 +165,7 @@ def results_table() -> str:
 # --- colour (nerd.colour; `nerd eval` on CBSD68 / Kodak24; scripts/colour_study.py)
 
 COLOUR_SETS, COLOUR_SIGMAS = ("CBSD68", "Kodak24"), (15, 25, 50)
+COLOUR_SET_SIZES = {"CBSD68": 68, "Kodak24": 24}  # images per set (../shared/data/README.md)
 # CBM3D's published CBSD68 figures (quoted in ../shared/data/README.md from the FFDNet / DRUNet tables), for reading
 # beside the measured ones only.
 CBM3D_PUBLISHED = {("CBSD68", 15): 33.52, ("CBSD68", 25): 30.71, ("CBSD68", 50): 27.38}
@@ -226,8 +227,7 @@ def colour_table(full: bool = False) -> str:
         head += " NERD iterations | s/image NERD / RGB / CBM3D | NERD ahead of CBM3D on |"
     lines = [head, "| --- | ---: | ---: |" + " ---: |" * (5 + 3 * full)]
     for set_name in COLOUR_SETS:
-        total = len(list((Path(os.environ.get("NERD_DATA") or ROOT / ".." / "shared" / "data") / set_name)
-                         .glob("*.png")))
+        total = COLOUR_SET_SIZES[set_name]  # not read from the data folder: a page renders the same everywhere
         for sigma in COLOUR_SIGMAS:
             reps = [found.get((c, set_name, sigma)) for c in cols]
             if not any(reps):
