@@ -396,6 +396,23 @@ def _write_partial(path: str | os.PathLike[str], key: str, rows: list[Row]) -> N
 
 
 @ieee_fp32()
+def _resume(partial: str | os.PathLike[str] | None, key: str, paths: list[Path], solver: bool, info: dict[str, Any],
+            desc: str, progress: bool) -> tuple[dict[str, Row], Any]:
+    """The rows an interrupted run of this key left in `partial` (by image name; a note on stderr for what is not
+    reused), `info["resumed_rows"]` set for provenance (those rows and their seconds come from the earlier run),
+    and the progress bar over `paths`."""
+    from tqdm import tqdm
+
+    done, note = _read_partial(partial, key, {p.name for p in paths}, solver)
+    if note:
+        print(f"note: {partial}: {note}", file=sys.stderr)
+    if partial is not None:
+        info["resumed_rows"] = sum(p.name in done for p in paths)
+    bar = tqdm(paths, desc=desc, unit="img", file=sys.stderr, disable=not progress or not sys.stderr.isatty(),
+               leave=False)
+    return done, bar
+
+
 def evaluate(
     method: Method,
     images: Sequence[str | os.PathLike[str]],
@@ -438,7 +455,6 @@ def evaluate(
         EvalError: sigma255 <= 0, no images, an image smaller than SSIM's 11 x 11 window, ensemble not in
             1, 2, 4, 8, a non-finite figure for an image (NaN output), a folder at `partial`'s path.
     """
-    from tqdm import tqdm
 
     from nerd.models.ensemble import ensemble_solve
 
@@ -468,15 +484,8 @@ def evaluate(
     # The protocol is in the key (not in meta, whose entries a report prints): another noise draw or metric
     # never reuses these rows.
     key = _partial_key({"method": name, "set": set_name, "sigma": float(sigma255), "protocol": PROTOCOL, **info})
-    done, note = _read_partial(partial, key, {p.name for p in paths}, is_deq)
-    if note:
-        print(f"note: {partial}: {note}", file=sys.stderr)
-    if partial is not None:
-        # Provenance: these rows (their seconds too) come from an earlier, interrupted run.
-        info["resumed_rows"] = sum(p.name in done for p in paths)
+    done, bar = _resume(partial, key, paths, is_deq, info, f"{name} {set_name} s{sigma255:g}", progress)
     rows: list[Row] = []
-    bar = tqdm(paths, desc=f"{name} {set_name} s{sigma255:g}", unit="img", file=sys.stderr,
-               disable=not progress or not sys.stderr.isatty(), leave=False)
     for path in bar:
         if path.name in done:
             rows.append(done[path.name])
@@ -565,7 +574,6 @@ def evaluate_colour(
     Args:
         solver: the method reports solver statistics (nfe, residual, converged) for every image.
     """
-    from tqdm import tqdm
 
     sigma255 = check_sigma255(sigma255)
     paths = sorted((Path(p) for p in images), key=lambda p: p.name)[:limit]
@@ -576,14 +584,8 @@ def evaluate_colour(
     info.update(meta or {})
     key = _partial_key({"method": method_name, "set": set_name, "sigma": float(sigma255),
                         "protocol": COLOUR_PROTOCOL, **info})
-    done, note = _read_partial(partial, key, {p.name for p in paths}, solver)
-    if note:
-        print(f"note: {partial}: {note}", file=sys.stderr)
-    if partial is not None:
-        info["resumed_rows"] = sum(p.name in done for p in paths)
+    done, bar = _resume(partial, key, paths, solver, info, f"{method_name} {set_name} s{sigma255:g}", progress)
     rows: list[Row] = []
-    bar = tqdm(paths, desc=f"{method_name} {set_name} s{sigma255:g}", unit="img", file=sys.stderr,
-               disable=not progress or not sys.stderr.isatty(), leave=False)
     for path in bar:
         if path.name in done:
             rows.append(done[path.name])
