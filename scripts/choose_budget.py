@@ -7,8 +7,13 @@ are solved once with the weights' own solver for 17 iterations (tolerance 0: no 
 iterate the solver evaluates. Broyden's trajectory does not depend on the cap (it stores at most N - 1 updates),
 and a capped solve returns the iterate of lowest residual among its first N, so each cap N = 2 .. 17 is read off
 that one trajectory exactly. Per cap: mean PSNR, its change from the full solve, the relative residual, and how
-much x_hat still moves from N - 1 to N (the quantity a stopping rule on x_hat would watch). Writes
-results/budget/budget.json, which `python tools/readme.py` renders into docs/performance.md.
+much x_hat still moves from N - 1 to N (the quantity a stopping rule on x_hat would watch).
+
+The same trajectories give the stopping rules "stop at the first iterate whose relative residual is below tol, else
+at 17" exactly (the solver stops a sample there and returns that iterate, the lowest so far): per tol, the mean and
+largest number of f-evaluations, and the change of the mean PSNR and of the worst image's PSNR from the full solve.
+Writes results/budget/budget.json, which `python tools/readme.py` renders into docs/performance.md, and from which
+`scripts/apply_budget.py` takes each file's rule.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from nerd.weights import load_weights, read_metadata, shipped
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPS = tuple(range(2, 18))
+TOLS = (0.05, 0.04, 0.03, 0.025, 0.02, 0.015, 0.01)  # the stopping rules tried, cap max(CAPS)
 
 
 def trajectory(model, y: torch.Tensor, sigma: float, iters: int) -> tuple[list[torch.Tensor], list[float]]:  # noqa: ANN001
@@ -49,6 +55,7 @@ def measure(name: str, val: list[torch.Tensor]) -> dict:
     pairs = validation_pairs(val, sigma255)
     start = time.perf_counter()
     per_image = []  # per image, per cap: (psnr, residual of the returned iterate, x_hat)
+    trajectories = []  # per image, the relative residual of every iterate
     with torch.inference_mode():
         for x, y in pairs:
             zs, residuals = trajectory(model, y, to_unit(sigma255), max(CAPS))
@@ -59,9 +66,16 @@ def measure(name: str, val: list[torch.Tensor]) -> dict:
                     else model.decode(zs[best]).clamp(0, 1)
                 caps.append((psnr(x_hat[0, 0].double().numpy(), x[0, 0].double().numpy()), residuals[best], x_hat))
             per_image.append(caps)
+            trajectories.append(residuals)
             if len(per_image) == 1:  # the read-off is the solver's own answer: check it on one image and cap
                 direct = model.equilibrium(y, to_unit(sigma255), solver=model.solver.override(max_iter=5, tol=0.0))
                 assert torch.allclose(direct.x_hat.clamp(0, 1), caps[CAPS.index(5)][2], atol=1e-5)
+                tol = TOLS[len(TOLS) // 2]  # and one stopping rule
+                ruled = model.equilibrium(y, to_unit(sigma255), solver=model.solver.override(max_iter=max(CAPS),
+                                                                                             tol=tol))
+                nfe = stopping_rule(tol, [[c[0] for c in caps]], [residuals], [caps[-1][0]])["nfe_max"]
+                assert int(ruled.stats.nfe[0]) == nfe
+                assert torch.allclose(ruled.x_hat.clamp(0, 1), caps[CAPS.index(nfe)][2], atol=1e-5)
     rows = []
     for i, n in enumerate(CAPS):
         psnrs = [img[i][0] for img in per_image]
@@ -76,9 +90,30 @@ def measure(name: str, val: list[torch.Tensor]) -> dict:
         r["delta_db"] = r["psnr"] - full
         print(f"{name} N={r['iters']:2d}: {r['psnr']:.4f} dB ({r['delta_db']:+.4f}), residual max "
               f"{r['rel_residual_max']:.2e}, x_hat change {r['x_hat_change_max']}", flush=True)
+    full_psnrs = rows[-1]["psnrs"]
+    rules = [stopping_rule(tol, [[c[0] for c in img] for img in per_image], trajectories, full_psnrs)
+             for tol in TOLS]
+    for r in rules:
+        print(f"{name} tol {r['tol']}: {r['nfe_mean']:.2f} f-evaluations (max {r['nfe_max']}), "
+              f"{r['delta_db']:+.4f} dB, worst image {r['worst_delta_db']:+.4f} dB", flush=True)
     return {"weights": name, "sha256": read_metadata(name)["sha256"][:12], "sigma": sigma255,
-            "solver": {"name": model.solver.name, "memory": model.solver.memory, "max_iter": model.solver.max_iter},
-            "images": len(pairs), "seconds": time.perf_counter() - start, "rows": rows}
+            "solver": {"name": model.solver.name, "memory": model.solver.memory, "max_iter": model.solver.max_iter,
+                       "tol": model.solver.tol},
+            "images": len(pairs), "seconds": time.perf_counter() - start, "rows": rows, "rules": rules,
+            "residuals": trajectories}
+
+
+def stopping_rule(tol: float, psnrs: list[list[float]], residuals: list[list[float]], full: list[float]) -> dict:
+    """The rule "stop below tol, else at max(CAPS)" read off the trajectories: psnrs[image][cap index] (the capped
+    solve's PSNR), residuals[image][iterate]; full: each image's PSNR at max(CAPS)."""
+    nfes, deltas = [], []
+    for image_psnrs, image_residuals, reference in zip(psnrs, residuals, full, strict=True):
+        below = [k + 1 for k, res in enumerate(image_residuals[: max(CAPS)]) if res < tol]
+        nfe = max(min(below, default=max(CAPS)), min(CAPS))  # the first iterate (z = 0) has residual 1
+        nfes.append(nfe)
+        deltas.append(image_psnrs[CAPS.index(nfe)] - reference)
+    return {"tol": tol, "max_iter": max(CAPS), "nfe_mean": sum(nfes) / len(nfes), "nfe_max": max(nfes),
+            "nfes": nfes, "delta_db": sum(deltas) / len(deltas), "worst_delta_db": min(deltas)}
 
 
 def main() -> int:

@@ -42,7 +42,10 @@ def sample_crops():
 def test_shipped_s25_beats_bm3d_on_sample_crops_with_per_sample_statistics(sample_crops):
     """A fast floor that the default suite runs: a sign, scale or wiring error in the model, the weights loader or
     the solver costs far more than the 0.2 dB margin. The two crops, solved as one batch with the earlier 17-step
-    cap, stop at different f-evaluations, each as it does alone; the shipped budget loses at most 0.05 dB there."""
+    solver (17 steps, tolerance 1e-3), stop at different f-evaluations, each as it does alone; the shipped stopping
+    rule (a looser tolerance) meets its tolerance on both in fewer steps and loses at most 0.1 dB there (measured:
+    crop 0 stops at step 7, 0.07 dB below the 17-step solve: Broyden's PSNR is not monotone along its iterates, and
+    step 6 happens to score 0.02 dB above it)."""
     pytest.importorskip("bm3d")
     from dataclasses import replace
 
@@ -50,7 +53,7 @@ def test_shipped_s25_beats_bm3d_on_sample_crops_with_per_sample_statistics(sampl
     from nerd.models.bm3d import BM3D
 
     model, _ = load_weights("nerd-s25")
-    solver = replace(model.solver, max_iter=17)
+    solver = replace(model.solver, max_iter=17, tol=1e-3)
     y = torch.from_numpy(np.stack([yc for _, yc in sample_crops]))[:, None]
     with torch.inference_mode():
         both = model.equilibrium(y, 25 / 255, solver=solver)
@@ -59,7 +62,7 @@ def test_shipped_s25_beats_bm3d_on_sample_crops_with_per_sample_statistics(sampl
     assert both.stats.nfe.tolist() == [int(s.stats.nfe[0]) for s in singles]
     assert both.stats.nfe[0] == 17 and both.stats.nfe[1] < 17
     assert both.stats.converged.tolist() == [False, True]
-    assert budget.stats.nfe.max() <= model.solver.max_iter < 17
+    assert model.solver.tol > 1e-3 and budget.stats.converged.all() and budget.stats.nfe.max() < 17
     with torch.no_grad():
         references = BM3D()(y, 25 / 255).clamp(0, 1)
     for i, (x, y_i) in enumerate(sample_crops):
@@ -71,11 +74,11 @@ def test_shipped_s25_beats_bm3d_on_sample_crops_with_per_sample_statistics(sampl
         reference = references[i, 0].double().numpy()
         assert psnr(x_hat, x) >= psnr(y_i.astype(np.float64), x) + 7
         assert psnr(x_hat, x) >= psnr(reference, x) + 0.2
-        assert psnr(budget.x_hat[i, 0].clamp(0, 1).double().numpy(), x) >= psnr(x_hat, x) - 0.05
+        assert psnr(budget.x_hat[i, 0].clamp(0, 1).double().numpy(), x) >= psnr(x_hat, x) - 0.1
 
 
 # Noise of each file's own σ on the two crops (RandomState(0), float64, not clipped). Measured (NERD / noisy, dB):
-# σ 15: 32.24 / 24.76 and 30.43 / 24.71 (17 and 8 f-evaluations); σ 50: 26.14 / 14.60 and 25.16 / 15.29 (17, 11).
+# σ 15: 32.16 / 24.76 and 30.41 / 24.71 (7 and 4 f-evaluations); σ 50: 26.08 / 14.60 and 25.12 / 15.29 (9, 5).
 # The σ-25 file on the σ-15 crops scores 27.5 / 27.7, on the σ-50 crops 17.1 / 17.7: a file mix-up fails.
 FAST_FLOORS = {15: (31.9, 30.1), 50: (25.8, 24.8)}
 
@@ -97,8 +100,9 @@ def test_shipped_weights_reach_their_floor_on_sample_crops(sigma, sample_crops):
 
 
 # The first three Set12 images (01-03), the evaluation protocol (RandomState(0) noise per image, each file's own
-# budget: 6 Broyden steps at σ 15 and 25, 11 at σ 50). Floors sit a little below the means measured there
-# (results/eval/eval-nerd-nerd-sS-first3-Set12-sS.json): σ 15: 33.03 dB, σ 25: 30.66 dB, σ 50: 27.28 dB
+# stopping rule: Broyden until the relative residual is below 0.025, at most 17 steps). Floors sit a little below
+# the means measured there
+# (results/eval/eval-nerd-nerd-sS-first3-Set12-sS.json): σ 15: 33.08 dB, σ 25: 30.67 dB, σ 50: 27.28 dB
 # (at the earlier 17 steps: 33.09, 30.68, 27.26). The noisy inputs score 24.6, 20.2 and 14.2 dB.
 SET12_FLOORS = {15: 32.9, 25: 30.5, 50: 27.1}
 

@@ -91,8 +91,9 @@ def test_results_table_leaves_out_records_of_replaced_weights(tmp_path, monkeypa
 
 
 def test_earlier_default_is_the_same_tensors_at_17_iterations(tmp_path, monkeypatch):
-    """A report of the shipped tensors at the earlier 17-iteration cap fills the table's 17-iteration column and
-    not the shipped one; a run with another cap (`--iters 4`) and a report of other weights fill neither."""
+    """A report of the shipped tensors with the earlier solver (17 iterations, tolerance 1e-3) fills the table's
+    17-iteration column and not the shipped one; the shipped solver (its own tolerance, also at most 17 iterations)
+    fills the shipped column only; a run with another cap (`--iters 4`) and a report of other weights fill neither."""
     from safetensors.torch import load_file
 
     from nerd.config import SolverConfig, dumps
@@ -100,16 +101,19 @@ def test_earlier_default_is_the_same_tensors_at_17_iterations(tmp_path, monkeypa
 
     path = shipped()["nerd-s25"]
     meta = read_metadata(path)
-    solver = {**json.loads(meta["solver"]), "max_iter": 17}
-    sha17 = tensors_sha256(load_file(str(path)), _header({**meta, "solver": dumps(SolverConfig(**solver))}))
+    own = json.loads(meta["solver"])
+    assert own["max_iter"] == 17 and own["tol"] != 1e-3  # else the two settings could not be told apart
+    earlier = {**own, "max_iter": 17, "tol": 1e-3}
+    sha17 = tensors_sha256(load_file(str(path)), _header({**meta, "solver": dumps(SolverConfig(**earlier))}))
     (tmp_path / "eval" / "earlier-17it").mkdir(parents=True)
-    for name, sha, cap in (("then", sha17, 17), ("short", meta["sha256"], 4), ("other", "0" * 64, 17)):
+    for name, sha, solver in (("then", sha17, earlier), ("now", meta["sha256"], own),
+                              ("short", meta["sha256"], {**own, "max_iter": 4}), ("other", "0" * 64, earlier)):
         record = {"method": "nerd", "set": f"Set-{name}", "sigma": 25.0, "limit": None,
-                  "meta": {"sha256": sha, "solver": {**solver, "max_iter": cap}}}
+                  "meta": {"sha256": sha, "solver": solver}}
         (tmp_path / "eval" / "earlier-17it" / f"eval-nerd-{name}.json").write_text(json.dumps(record))
     monkeypatch.setattr(readme, "RESULTS", tmp_path)
     assert set(readme._load_evals(which="earlier")) == {("nerd", "Set-then", 25)}
-    assert set(readme._load_evals()) == set()
+    assert set(readme._load_evals()) == {("nerd", "Set-now", 25)}
 
 
 def test_results_table_marks_seconds_measured_on_a_gpu(tmp_path, monkeypatch):

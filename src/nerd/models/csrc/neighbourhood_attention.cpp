@@ -2,10 +2,12 @@
 //
 // The blocked SDPA path (attention.py) computes every query tile against its whole halo and masks what lies
 // outside each window: with the shipped q = 33 and 16 x 16 tiles that is 2.1x the useful scores, plus the copies
-// that build the halos. Here each query visits exactly the keys of its (truncated) window, row by row, with the
-// scores of one key row computed as one vectorised pass over a contiguous run of keys (keys stored as (d, W) per
-// image row, so consecutive keys are consecutive floats). Heads of dimension 16 make each score cheap (16
-// multiply-adds), so the softmax's exponentials weigh as much as the products: they use ATen's vectorised exp.
+// that build the halos. Here each query visits the keys of its (truncated) window row by row, with the scores of
+// one key row computed as one vectorised pass over a contiguous run of keys (keys stored as (d, W) per image row, so
+// consecutive keys are consecutive floats). The forward takes the queries of an image row in blocks of TQ = 8 that
+// share one run of 2r + 8 keys (5 vectors of 8 for r = 16, as one query's 33 keys already took), so each key and
+// value row is read from memory once per block. Heads of dimension 16 make each score cheap (16 multiply-adds), so
+// the softmax's exponentials weigh as much as the products: they use ATen's vectorised exp.
 //
 // Layout: every tensor is (P, H, W, d) with P = batch x heads, contiguous; "_t" tensors are (P, H, d, W).
 // Shapes and the window radius r are checked in Python (nerd/models/attention_kernel.py).
@@ -133,41 +135,185 @@ inline int64_t row_stride(int64_t n) {
   return (n + V - 1) / V * V;
 }
 
+// Scores of QB queries (a[t], each of length d) against M vectors of consecutive keys at b (d rows of stride
+// `stride`): out[t][0 : M V] = scale * a[t] . b[:, j]. Each key vector loaded is used by QB queries, and the
+// QB x M accumulators stay in registers.
+template <typename T, int QB, int M>
+inline void block_scores(const T* const* a, const T* b, int64_t stride, int64_t d, T scale, T* const* out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  Vec acc[QB][M];
+#pragma GCC unroll 4
+  for (int t = 0; t < QB; ++t)
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[t][m] = Vec(T(0));
+  for (int64_t c = 0; c < d; ++c) {
+    Vec kv[M];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) kv[m] = Vec::loadu(b + c * stride + m * V);
+#pragma GCC unroll 4
+    for (int t = 0; t < QB; ++t) {
+      const Vec x(a[t][c]);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) acc[t][m] = at::vec::fmadd(x, kv[m], acc[t][m]);
+    }
+  }
+  const Vec sv(scale);
+#pragma GCC unroll 4
+  for (int t = 0; t < QB; ++t)
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) (acc[t][m] * sv).store(out[t] + m * V);
+}
+
+// block_scores over ns (a multiple of V) consecutive keys, four vectors at a time.
+template <typename T, int QB>
+inline void row_block_scores(const T* const* a, const T* b, int64_t stride, int64_t d, int64_t ns, T scale,
+                             T* const* out) {
+  constexpr int64_t V = Vectorized<T>::size();
+  int64_t j = 0;
+  T* o[QB];
+  for (; j + 4 * V <= ns; j += 4 * V) {
+    for (int t = 0; t < QB; ++t) o[t] = out[t] + j;
+    block_scores<T, QB, 4>(a, b + j, stride, d, scale, o);
+  }
+  for (int t = 0; t < QB; ++t) o[t] = out[t] + j;
+  switch ((ns - j) / V) {
+    case 3: block_scores<T, QB, 3>(a, b + j, stride, d, scale, o); break;
+    case 2: block_scores<T, QB, 2>(a, b + j, stride, d, scale, o); break;
+    case 1: block_scores<T, QB, 1>(a, b + j, stride, d, scale, o); break;
+    default: break;
+  }
+}
+
+// acc[t][0:d] += sum_j w[t][j] * rows[j * d : j * d + d] for G queries over the same n rows, NV = d / V vectors
+// per row: each row loaded once for the G queries.
+template <typename T, int NV, int G>
+inline void group_accumulate(const T* const* w, const T* rows, int64_t n, int64_t d, T* const* acc) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  Vec r[G][NV];
+#pragma GCC unroll 4
+  for (int t = 0; t < G; ++t)
+#pragma GCC unroll 8
+    for (int m = 0; m < NV; ++m) r[t][m] = Vec::loadu(acc[t] + m * V);
+  for (int64_t j = 0; j < n; ++j) {
+    Vec vj[NV];
+#pragma GCC unroll 8
+    for (int m = 0; m < NV; ++m) vj[m] = Vec::loadu(rows + j * d + m * V);
+#pragma GCC unroll 4
+    for (int t = 0; t < G; ++t) {
+      const Vec x(w[t][j]);
+#pragma GCC unroll 8
+      for (int m = 0; m < NV; ++m) r[t][m] = at::vec::fmadd(x, vj[m], r[t][m]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < G; ++t)
+#pragma GCC unroll 8
+    for (int m = 0; m < NV; ++m) r[t][m].store(acc[t] + m * V);
+}
+
+// The forward visits the queries of an image row in blocks of TQ neighbours. Their windows share one run of keys
+// (2r + TQ wide), so each key row is brought into L1 once for the block rather than once per query: a query's
+// whole window (33 x 33 keys of 16 numbers, ~70 KB each for K and V) does not fit in L1 and was read from L2 for
+// every query. Each query's scores span the block's run and are masked outside its own window.
+constexpr int64_t TQ = 8;
+
 template <typename T, int NV>
 void forward_impl(const T* q, const T* kt, const T* v, T* o, T* lse, int64_t P, int64_t H, int64_t W, int64_t Wp,
                   int64_t d, int64_t r, T scale) {
   using Vec = Vectorized<T>;
-  const int64_t side = std::min<int64_t>(2 * r + 1, std::max(H, W));
+  constexpr int64_t V = Vec::size();
+  constexpr int G = NV == 0 ? 1 : (NV >= 8 ? 1 : (NV >= 4 ? 2 : 4));  // queries per accumulation group
+  const int64_t side = std::min<int64_t>(2 * r + 1, H);
+  const int64_t ns_max = row_stride<T>(std::min<int64_t>(W, 2 * r + TQ));
+  const T neg_inf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, P * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(side * row_stride<T>(side));
-    std::vector<T> acc(d);
+    std::vector<T> s(TQ * side * ns_max);
+    std::vector<T> acc(TQ * d);
     for (int64_t ph = begin; ph < end; ++ph) {
       const int64_t p = ph / H, y = ph % H;
       int64_t y0, y1;
       bounds(y, r, H, y0, y1);
+      const int64_t rows = y1 - y0;
       const T* kt_p = kt + p * H * d * Wp;
       const T* v_p = v + p * H * W * d;
-      for (int64_t x = 0; x < W; ++x) {
-        int64_t x0, x1;
-        bounds(x, r, W, x0, x1);
-        const int64_t i = (p * H + y) * W + x, nx = x1 - x0, ns = row_stride<T>(nx), total = (y1 - y0) * ns;
-        window_scores(q + i * d, kt_p, y0, y1, x0, x1, Wp, d, ns, scale, s.data());
-        Vec mv(-std::numeric_limits<T>::infinity());
-        for (int64_t j = 0; j < total; j += Vec::size()) mv = at::vec::maximum(mv, Vec::loadu(s.data() + j));
-        const T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, mv);
-        Vec sum_v(T(0));
-        for (int64_t j = 0; j < total; j += Vec::size()) {
-          const Vec e = vexp(Vec::loadu(s.data() + j) - Vec(m));
-          e.store(s.data() + j);
-          sum_v = sum_v + e;
+      for (int64_t x = 0; x < W; x += TQ) {
+        const int64_t nq = std::min(TQ, W - x), i0 = (p * H + y) * W + x;
+        const int64_t X0 = std::max<int64_t>(0, x - r), X1 = std::min<int64_t>(W, x + nq + r);
+        const int64_t ns = row_stride<T>(X1 - X0), st = rows * ns;  // st: one query's scores
+        T* sq[TQ];
+        for (int64_t t = 0; t < nq; ++t) sq[t] = s.data() + t * st;
+        for (int64_t ky = y0; ky < y1; ++ky) {
+          const T* krow = kt_p + ky * d * Wp + X0;
+          int64_t t = 0;
+          for (; t + 2 <= nq; t += 2) {
+            const T* a[2] = {q + (i0 + t) * d, q + (i0 + t + 1) * d};
+            T* out[2] = {sq[t] + (ky - y0) * ns, sq[t + 1] + (ky - y0) * ns};
+            row_block_scores<T, 2>(a, krow, Wp, d, ns, scale, out);
+          }
+          if (t < nq) {
+            const T* a[1] = {q + (i0 + t) * d};
+            T* out[1] = {sq[t] + (ky - y0) * ns};
+            row_block_scores<T, 1>(a, krow, Wp, d, ns, scale, out);
+          }
         }
-        const T sum = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum_v);
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t ky = y0; ky < y1; ++ky)
-          accumulate<T, NV>(s.data() + (ky - y0) * ns, v_p + (ky * W + x0) * d, nx, d, acc.data());
-        const T inv = T(1) / sum;
-        for (int64_t c = 0; c < d; ++c) o[i * d + c] = acc[c] * inv;
-        lse[i] = m + std::log(sum);
+        T sum[TQ], mx[TQ];
+        int64_t lo_j[TQ], hi_j[TQ];
+        for (int64_t t = 0; t < nq; ++t) {
+          int64_t x0, x1;
+          bounds(x + t, r, W, x0, x1);
+          lo_j[t] = x0 - X0;
+          hi_j[t] = x1 - X0;
+          for (int64_t row = 0; row < rows; ++row) {  // outside this query's window (and the padding): -inf
+            T* sr = sq[t] + row * ns;
+            for (int64_t j = 0; j < lo_j[t]; ++j) sr[j] = neg_inf;
+            for (int64_t j = hi_j[t]; j < ns; ++j) sr[j] = neg_inf;
+          }
+          Vec mv(neg_inf);
+          for (int64_t j = 0; j < st; j += V) mv = at::vec::maximum(mv, Vec::loadu(sq[t] + j));
+          const T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, mv);
+          Vec sum_v(T(0));
+          for (int64_t j = 0; j < st; j += V) {
+            const Vec e = vexp(Vec::loadu(sq[t] + j) - Vec(m));
+            e.store(sq[t] + j);
+            sum_v = sum_v + e;
+          }
+          sum[t] = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum_v);
+          mx[t] = m;
+        }
+        std::fill(acc.begin(), acc.begin() + nq * d, T(0));
+        for (int64_t t0 = 0; t0 < nq; t0 += G) {
+          const int64_t g = std::min<int64_t>(G, nq - t0);
+          const int64_t j0 = lo_j[t0], j1 = hi_j[t0 + g - 1];  // the group's keys: windows move right with t
+          for (int64_t ky = y0; ky < y1; ++ky) {
+            const T* vrow = v_p + (ky * W + X0 + j0) * d;
+            const int64_t off = (ky - y0) * ns + j0;
+            if constexpr (NV == 0) {
+              for (int64_t t = t0; t < t0 + g; ++t)
+                accumulate<T, 0>(sq[t] + off, vrow, j1 - j0, d, acc.data() + t * d);
+            } else if (g == G) {
+              const T* w[G];
+              T* a[G];
+              for (int u = 0; u < G; ++u) {
+                w[u] = sq[t0 + u] + off;
+                a[u] = acc.data() + (t0 + u) * d;
+              }
+              group_accumulate<T, NV, G>(w, vrow, j1 - j0, d, a);
+            } else {
+              for (int64_t t = t0; t < t0 + g; ++t) {
+                const T* w[1] = {sq[t] + off};
+                T* a[1] = {acc.data() + t * d};
+                group_accumulate<T, NV, 1>(w, vrow, j1 - j0, d, a);
+              }
+            }
+          }
+        }
+        for (int64_t t = 0; t < nq; ++t) {
+          const T inv = T(1) / sum[t];
+          for (int64_t c = 0; c < d; ++c) o[(i0 + t) * d + c] = acc[t * d + c] * inv;
+          lse[i0 + t] = mx[t] + std::log(sum[t]);
+        }
       }
     }
   });
