@@ -188,9 +188,10 @@ def load_weights(name_or_path: str | os.PathLike[str], *, device: str | torch.de
         raise WeightsError(
             f"checksum mismatch: {path} is corrupt (tensors or model metadata do not match the recorded sha256)"
         )
-    with torch.device("meta"):  # shapes first, no memory: a file's config alone never decides an allocation
-        _check_tensors(path, DEQDenoiser(model_cfg, solver=solver_cfg), tensors)
+    # Built on the CPU, not the meta device: weight norm's set-up on meta tensors imports torch._dynamo (about 1 s
+    # of every process). The config's ranges bound what the build allocates (ModelConfig, MAX_CHANNELS).
     model = DEQDenoiser(model_cfg, solver=solver_cfg)
+    _check_tensors(path, model, tensors)
     model.load_state_dict(tensors, strict=True)
     info: dict[str, Any] = {
         "path": str(path), "name": path.stem, "sigma": sigma255, "scores": scores, "train": train,
