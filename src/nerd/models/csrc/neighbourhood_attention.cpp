@@ -40,43 +40,6 @@ inline Vectorized<T> vexp(const Vectorized<T>& x) {
   }
 }
 
-// out[0 : ceil(n / V) V] = scale * sum_c a[c] * b[c * stride + j]: one vector a (length d) against n consecutive
-// columns of b (rows of length `stride`, padded by at least V, so whole vectors may be loaded); the lanes past n
-// are set to -inf. Accumulators stay in registers, up to four vectors at a time.
-template <typename T>
-inline void run_scores(const T* a, const T* b, int64_t stride, int64_t d, int64_t n, T scale, T* out) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t V = Vec::size();
-  const Vec sv(scale);
-  int64_t j = 0;
-  for (; j + 3 * V < n; j += 4 * V) {
-    Vec a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
-    for (int64_t c = 0; c < d; ++c) {
-      const Vec x(a[c]);
-      const T* row = b + c * stride + j;
-      a0 = at::vec::fmadd(x, Vec::loadu(row), a0);
-      a1 = at::vec::fmadd(x, Vec::loadu(row + V), a1);
-      a2 = at::vec::fmadd(x, Vec::loadu(row + 2 * V), a2);
-      a3 = at::vec::fmadd(x, Vec::loadu(row + 3 * V), a3);
-    }
-    (a0 * sv).store(out + j);
-    (a1 * sv).store(out + j + V);
-    (a2 * sv).store(out + j + 2 * V);
-    (a3 * sv).store(out + j + 3 * V);
-  }
-  for (; j < n; j += V) {  // two accumulators: one chain of d dependent multiply-adds is latency-bound
-    Vec a0(T(0)), a1(T(0));
-    int64_t c = 0;
-    for (; c + 1 < d; c += 2) {
-      a0 = at::vec::fmadd(Vec(a[c]), Vec::loadu(b + c * stride + j), a0);
-      a1 = at::vec::fmadd(Vec(a[c + 1]), Vec::loadu(b + (c + 1) * stride + j), a1);
-    }
-    if (c < d) a0 = at::vec::fmadd(Vec(a[c]), Vec::loadu(b + c * stride + j), a0);
-    ((a0 + a1) * sv).store(out + j);
-  }
-  for (int64_t t = n; t < j; ++t) out[t] = -std::numeric_limits<T>::infinity();
-}
-
 // acc[0:d] += sum_j w[j] * rows[j * d : j * d + d] over n rows; NV = d / V vectors held in registers (NV = 0: any d).
 template <typename T, int NV>
 inline void accumulate(const T* w, const T* rows, int64_t n, int64_t d, T* acc) {
@@ -119,14 +82,6 @@ inline void accumulate(const T* w, const T* rows, int64_t n, int64_t d, T* acc) 
       r[0][t].store(acc + t * V);
     }
   }
-}
-
-// Scores of one vector a against the window [y0, y1) x [x0, x1) of b_t ((H, d, Wp) per plane), row after row
-// with a row stride of ns = ceil((x1 - x0) / V) V in s.
-template <typename T>
-inline void window_scores(const T* a, const T* b_t, int64_t y0, int64_t y1, int64_t x0, int64_t x1, int64_t Wp,
-                          int64_t d, int64_t ns, T scale, T* s) {
-  for (int64_t ky = y0; ky < y1; ++ky) run_scores(a, b_t + ky * d * Wp + x0, Wp, d, x1 - x0, scale, s + (ky - y0) * ns);
 }
 
 template <typename T>
@@ -213,196 +168,241 @@ inline void group_accumulate(const T* const* w, const T* rows, int64_t n, int64_
     for (int m = 0; m < NV; ++m) r[t][m].store(acc[t] + m * V);
 }
 
-// The forward visits the queries of an image row in blocks of TQ neighbours. Their windows share one run of keys
+// rows[j * d : j * d + d] += sum_t w[t][j] * a[t] for G vectors a[t] (length d) over n rows: the scatter of the
+// backward (each key row gathers from the G queries of a group), the G vectors held in registers.
+template <typename T, int NV, int G>
+inline void group_scatter(const T* const* w, const T* const* a, int64_t n, int64_t d, T* rows) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  if constexpr (NV == 0) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int t = 0; t < G; ++t)
+        for (int64_t c = 0; c < d; ++c) rows[j * d + c] += w[t][j] * a[t][c];
+  } else {
+    Vec av[G][NV];
+#pragma GCC unroll 4
+    for (int t = 0; t < G; ++t)
+#pragma GCC unroll 8
+      for (int m = 0; m < NV; ++m) av[t][m] = Vec::loadu(a[t] + m * V);
+    for (int64_t j = 0; j < n; ++j) {
+      Vec o[NV];
+#pragma GCC unroll 8
+      for (int m = 0; m < NV; ++m) o[m] = Vec::loadu(rows + j * d + m * V);
+#pragma GCC unroll 4
+      for (int t = 0; t < G; ++t) {
+        const Vec x(w[t][j]);
+#pragma GCC unroll 8
+        for (int m = 0; m < NV; ++m) o[m] = at::vec::fmadd(x, av[t][m], o[m]);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < NV; ++m) o[m].store(rows + j * d + m * V);
+    }
+  }
+}
+
+// acc[t][0:d] += sum_j w[t][off + j] * rows[j * d : j * d + d] for the g <= G queries of a group (acc rows of
+// length d from acc0).
+template <typename T, int NV, int G>
+inline void gather(int64_t g, T* const* w, int64_t off, const T* rows, int64_t n, int64_t d, T* acc0) {
+  if constexpr (NV == 0) {
+    for (int64_t t = 0; t < g; ++t) accumulate<T, 0>(w[t] + off, rows, n, d, acc0 + t * d);
+  } else {
+    const T* wt[G];
+    T* at[G];
+    for (int64_t t = 0; t < g; ++t) {
+      wt[t] = w[t] + off;
+      at[t] = acc0 + t * d;
+    }
+    if (g == G) return group_accumulate<T, NV, G>(wt, rows, n, d, at);
+    for (int64_t t = 0; t < g; ++t) group_accumulate<T, NV, 1>(wt + t, rows, n, d, at + t);
+  }
+}
+
+// rows[j * d : j * d + d] += sum_t w[t][off + j] * a0[t * d : t * d + d] for the g <= G queries of a group.
+template <typename T, int NV, int G>
+inline void scatter(int64_t g, T* const* w, int64_t off, const T* a0, int64_t n, int64_t d, T* rows) {
+  const T* wt[G];
+  const T* at[G];
+  for (int64_t t = 0; t < g; ++t) {
+    wt[t] = w[t] + off;
+    at[t] = a0 + t * d;
+  }
+  if (g == G) return group_scatter<T, NV, G>(wt, at, n, d, rows);
+  for (int64_t t = 0; t < g; ++t) group_scatter<T, NV, 1>(wt + t, at + t, n, d, rows);
+}
+
+// Both passes visit the queries of an image row in blocks of TQ neighbours. Their windows share one run of keys
 // (2r + TQ wide), so each key row is brought into L1 once for the block rather than once per query: a query's
 // whole window (33 x 33 keys of 16 numbers, ~70 KB each for K and V) does not fit in L1 and was read from L2 for
 // every query. Each query's scores span the block's run and are masked outside its own window.
+//
+// Queries per block, and the accumulation groups within a block (G queries x NV vectors in registers).
 constexpr int64_t TQ = 8;
+
+template <int NV>
+constexpr int group_size() {
+  return NV == 0 ? 1 : (NV >= 8 ? 1 : (NV >= 4 ? 2 : 4));
+}
+
+// One block: the nq <= TQ queries x .. x + nq - 1 of image row y, their key rows [y0, y1) and the run of keys
+// [X0, X0 + ns) their windows share; query t's own window is lanes [lo[t], hi[t]) of each row of that run.
+struct Block {
+  int64_t nq, i0, y0, y1, rows, X0, ns, st, lo[TQ], hi[TQ];
+  Block(int64_t p, int64_t y, int64_t x, int64_t H, int64_t W, int64_t r, int64_t V) {
+    bounds(y, r, H, y0, y1);
+    rows = y1 - y0;
+    nq = std::min(TQ, W - x);
+    i0 = (p * H + y) * W + x;
+    X0 = std::max<int64_t>(0, x - r);
+    const int64_t X1 = std::min<int64_t>(W, x + nq + r);
+    ns = (X1 - X0 + V - 1) / V * V;
+    st = rows * ns;  // one query's scores
+    for (int64_t t = 0; t < nq; ++t) {
+      int64_t x0, x1;
+      bounds(x + t, r, W, x0, x1);
+      lo[t] = x0 - X0;
+      hi[t] = x1 - X0;
+    }
+  }
+};
+
+// sq[t][(ky - y0) * ns + j] = scale * a_t . b_t[ky][:, X0 + j] for the block's queries a_t (rows of a0, length d)
+// and every key row of b_t ((H, d, Wp) per plane), queries in pairs; -inf outside each query's window when `mask`.
+template <typename T>
+inline void block_scores_all(const Block& b, const T* a0, const T* b_t, int64_t Wp, int64_t d, T scale, T* const* sq,
+                             bool mask) {
+  for (int64_t ky = b.y0; ky < b.y1; ++ky) {
+    const T* krow = b_t + ky * d * Wp + b.X0;
+    const int64_t off = (ky - b.y0) * b.ns;
+    int64_t t = 0;
+    for (; t + 2 <= b.nq; t += 2) {
+      const T* a[2] = {a0 + t * d, a0 + (t + 1) * d};
+      T* out[2] = {sq[t] + off, sq[t + 1] + off};
+      row_block_scores<T, 2>(a, krow, Wp, d, b.ns, scale, out);
+    }
+    if (t < b.nq) {
+      const T* a[1] = {a0 + t * d};
+      T* out[1] = {sq[t] + off};
+      row_block_scores<T, 1>(a, krow, Wp, d, b.ns, scale, out);
+    }
+  }
+  if (!mask) return;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t t = 0; t < b.nq; ++t)
+    for (int64_t row = 0; row < b.rows; ++row) {
+      T* sr = sq[t] + row * b.ns;
+      for (int64_t j = 0; j < b.lo[t]; ++j) sr[j] = neg_inf;
+      for (int64_t j = b.hi[t]; j < b.ns; ++j) sr[j] = neg_inf;
+    }
+}
+
+// For each group of G queries of the block and each key row: fn(G or 1, first query t0, offset of the group's
+// keys in a score row, first key row index ky * W + X0 + j0, number of keys). A group's keys are the union of its
+// windows, [lo[t0], hi[t0 + g - 1]): the windows move right with t.
+template <int G, typename F>
+inline void for_groups(const Block& b, int64_t W, F&& fn) {
+  for (int64_t t0 = 0; t0 < b.nq; t0 += G) {
+    const int64_t g = std::min<int64_t>(G, b.nq - t0);
+    const int64_t j0 = b.lo[t0], j1 = b.hi[t0 + g - 1];
+    for (int64_t ky = b.y0; ky < b.y1; ++ky) fn(g, t0, (ky - b.y0) * b.ns + j0, ky * W + b.X0 + j0, j1 - j0);
+  }
+}
 
 template <typename T, int NV>
 void forward_impl(const T* q, const T* kt, const T* v, T* o, T* lse, int64_t P, int64_t H, int64_t W, int64_t Wp,
                   int64_t d, int64_t r, T scale) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
-  constexpr int G = NV == 0 ? 1 : (NV >= 8 ? 1 : (NV >= 4 ? 2 : 4));  // queries per accumulation group
+  constexpr int G = group_size<NV>();
   const int64_t side = std::min<int64_t>(2 * r + 1, H);
   const int64_t ns_max = row_stride<T>(std::min<int64_t>(W, 2 * r + TQ));
-  const T neg_inf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, P * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(TQ * side * ns_max);
     std::vector<T> acc(TQ * d);
     for (int64_t ph = begin; ph < end; ++ph) {
       const int64_t p = ph / H, y = ph % H;
-      int64_t y0, y1;
-      bounds(y, r, H, y0, y1);
-      const int64_t rows = y1 - y0;
       const T* kt_p = kt + p * H * d * Wp;
       const T* v_p = v + p * H * W * d;
       for (int64_t x = 0; x < W; x += TQ) {
-        const int64_t nq = std::min(TQ, W - x), i0 = (p * H + y) * W + x;
-        const int64_t X0 = std::max<int64_t>(0, x - r), X1 = std::min<int64_t>(W, x + nq + r);
-        const int64_t ns = row_stride<T>(X1 - X0), st = rows * ns;  // st: one query's scores
+        const Block b(p, y, x, H, W, r, V);
         T* sq[TQ];
-        for (int64_t t = 0; t < nq; ++t) sq[t] = s.data() + t * st;
-        for (int64_t ky = y0; ky < y1; ++ky) {
-          const T* krow = kt_p + ky * d * Wp + X0;
-          int64_t t = 0;
-          for (; t + 2 <= nq; t += 2) {
-            const T* a[2] = {q + (i0 + t) * d, q + (i0 + t + 1) * d};
-            T* out[2] = {sq[t] + (ky - y0) * ns, sq[t + 1] + (ky - y0) * ns};
-            row_block_scores<T, 2>(a, krow, Wp, d, ns, scale, out);
-          }
-          if (t < nq) {
-            const T* a[1] = {q + (i0 + t) * d};
-            T* out[1] = {sq[t] + (ky - y0) * ns};
-            row_block_scores<T, 1>(a, krow, Wp, d, ns, scale, out);
-          }
-        }
+        for (int64_t t = 0; t < b.nq; ++t) sq[t] = s.data() + t * b.st;
+        block_scores_all(b, q + b.i0 * d, kt_p, Wp, d, scale, sq, true);
         T sum[TQ], mx[TQ];
-        int64_t lo_j[TQ], hi_j[TQ];
-        for (int64_t t = 0; t < nq; ++t) {
-          int64_t x0, x1;
-          bounds(x + t, r, W, x0, x1);
-          lo_j[t] = x0 - X0;
-          hi_j[t] = x1 - X0;
-          for (int64_t row = 0; row < rows; ++row) {  // outside this query's window (and the padding): -inf
-            T* sr = sq[t] + row * ns;
-            for (int64_t j = 0; j < lo_j[t]; ++j) sr[j] = neg_inf;
-            for (int64_t j = hi_j[t]; j < ns; ++j) sr[j] = neg_inf;
-          }
-          Vec mv(neg_inf);
-          for (int64_t j = 0; j < st; j += V) mv = at::vec::maximum(mv, Vec::loadu(sq[t] + j));
-          const T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, mv);
+        for (int64_t t = 0; t < b.nq; ++t) {
+          Vec mv(-std::numeric_limits<T>::infinity());
+          for (int64_t j = 0; j < b.st; j += V) mv = at::vec::maximum(mv, Vec::loadu(sq[t] + j));
+          const T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, mv);
           Vec sum_v(T(0));
-          for (int64_t j = 0; j < st; j += V) {
+          for (int64_t j = 0; j < b.st; j += V) {
             const Vec e = vexp(Vec::loadu(sq[t] + j) - Vec(m));
             e.store(sq[t] + j);
             sum_v = sum_v + e;
           }
-          sum[t] = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum_v);
+          sum[t] = at::vec::vec_reduce_all<T>([](Vec& a, Vec& c) { return a + c; }, sum_v);
           mx[t] = m;
         }
-        std::fill(acc.begin(), acc.begin() + nq * d, T(0));
-        for (int64_t t0 = 0; t0 < nq; t0 += G) {
-          const int64_t g = std::min<int64_t>(G, nq - t0);
-          const int64_t j0 = lo_j[t0], j1 = hi_j[t0 + g - 1];  // the group's keys: windows move right with t
-          for (int64_t ky = y0; ky < y1; ++ky) {
-            const T* vrow = v_p + (ky * W + X0 + j0) * d;
-            const int64_t off = (ky - y0) * ns + j0;
-            if constexpr (NV == 0) {
-              for (int64_t t = t0; t < t0 + g; ++t)
-                accumulate<T, 0>(sq[t] + off, vrow, j1 - j0, d, acc.data() + t * d);
-            } else if (g == G) {
-              const T* w[G];
-              T* a[G];
-              for (int u = 0; u < G; ++u) {
-                w[u] = sq[t0 + u] + off;
-                a[u] = acc.data() + (t0 + u) * d;
-              }
-              group_accumulate<T, NV, G>(w, vrow, j1 - j0, d, a);
-            } else {
-              for (int64_t t = t0; t < t0 + g; ++t) {
-                const T* w[1] = {sq[t] + off};
-                T* a[1] = {acc.data() + t * d};
-                group_accumulate<T, NV, 1>(w, vrow, j1 - j0, d, a);
-              }
-            }
-          }
-        }
-        for (int64_t t = 0; t < nq; ++t) {
+        std::fill(acc.begin(), acc.begin() + b.nq * d, T(0));
+        for_groups<G>(b, W, [&](int64_t g, int64_t t0, int64_t off, int64_t key, int64_t n) {
+          gather<T, NV, G>(g, sq + t0, off, v_p + key * d, n, d, acc.data() + t0 * d);
+        });
+        for (int64_t t = 0; t < b.nq; ++t) {
           const T inv = T(1) / sum[t];
-          for (int64_t c = 0; c < d; ++c) o[(i0 + t) * d + c] = acc[t * d + c] * inv;
-          lse[i0 + t] = mx[t] + std::log(sum[t]);
+          for (int64_t c = 0; c < d; ++c) o[(b.i0 + t) * d + c] = acc[t * d + c] * inv;
+          lse[b.i0 + t] = mx[t] + std::log(sum[t]);
         }
       }
     }
   });
 }
 
-// In place over a window's padded rows: s = scale * exp(s - lse) * (dp - D), with per-position lse and D
-// (per key for the query-centric pass: scalars; per query for the key-centric pass: rows of lse and D).
-template <typename T>
-inline void softmax_grad(T* s, T* dp, int64_t total, const Vectorized<T>& lse, const Vectorized<T>& D, T scale) {
-  using Vec = Vectorized<T>;
-  for (int64_t j = 0; j < total; j += Vec::size()) {
-    const Vec p = vexp(Vec::loadu(s + j) - lse);
-    p.store(s + j);                                                // p
-    (p * (Vec::loadu(dp + j) - D) * Vec(scale)).store(dp + j);     // dS
-  }
-}
-
-// dq_i = scale sum_j p_ij (dO_i . v_j - D_i) k_j    (query-centric: each query writes only its own row)
+// The backward of one pass over the query blocks, recomputing the scores s and dO . v of each block:
+//   p_ij = exp(s_ij - lse_i),  dS_ij = scale p_ij (dO_i . v_j - D_i),
+//   dq_i = sum_j dS_ij k_j (gathered per query),  dk_j = sum_i dS_ij q_i and dv_j = sum_i p_ij dO_i (scattered to
+//   the keys of the block's run).
+// The planes run in parallel and each is one thread's, so the scattered dk and dv have a single writer.
 template <typename T, int NV>
-void backward_q_impl(const T* q, const T* kt, const T* k, const T* vt, const T* dout, const T* lse, const T* D,
-                     T* dq, int64_t P, int64_t H, int64_t W, int64_t Wp, int64_t d, int64_t r, T scale) {
-  const int64_t side = std::min<int64_t>(2 * r + 1, std::max(H, W));
-  at::parallel_for(0, P * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(side * row_stride<T>(side)), dp(side * row_stride<T>(side));
-    for (int64_t ph = begin; ph < end; ++ph) {
-      const int64_t p = ph / H, y = ph % H;
-      int64_t y0, y1;
-      bounds(y, r, H, y0, y1);
+void backward_impl(const T* q, const T* k, const T* kt, const T* vt, const T* dout, const T* lse, const T* D, T* dq,
+                   T* dk, T* dv, int64_t P, int64_t H, int64_t W, int64_t Wp, int64_t d, int64_t r, T scale) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr int G = group_size<NV>();
+  const int64_t side = std::min<int64_t>(2 * r + 1, H);
+  const int64_t ns_max = row_stride<T>(std::min<int64_t>(W, 2 * r + TQ));
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(TQ * side * ns_max), dp(TQ * side * ns_max);
+    for (int64_t p = begin; p < end; ++p) {
       const T* kt_p = kt + p * H * d * Wp;
       const T* vt_p = vt + p * H * d * Wp;
       const T* k_p = k + p * H * W * d;
-      for (int64_t x = 0; x < W; ++x) {
-        int64_t x0, x1;
-        bounds(x, r, W, x0, x1);
-        const int64_t i = (p * H + y) * W + x, nx = x1 - x0, ns = row_stride<T>(nx);
-        window_scores(q + i * d, kt_p, y0, y1, x0, x1, Wp, d, ns, scale, s.data());
-        window_scores(dout + i * d, vt_p, y0, y1, x0, x1, Wp, d, ns, T(1), dp.data());
-        softmax_grad(s.data(), dp.data(), (y1 - y0) * ns, Vectorized<T>(lse[i]), Vectorized<T>(D[i]), scale);
-        T* dqi = dq + i * d;
-        std::fill(dqi, dqi + d, T(0));
-        for (int64_t ky = y0; ky < y1; ++ky)
-          accumulate<T, NV>(dp.data() + (ky - y0) * ns, k_p + (ky * W + x0) * d, nx, d, dqi);
-      }
-    }
-  });
-}
-
-// dk_j = scale sum_i p_ij (dO_i . v_j - D_i) q_i,  dv_j = sum_i p_ij dO_i    (key-centric: the windows are
-// symmetric, so the queries that see key j are the window of j, truncated at the border alike)
-template <typename T, int NV>
-void backward_kv_impl(const T* qt, const T* q, const T* k, const T* v, const T* dout_t, const T* dout,
-                      const T* lse, const T* D, T* dk, T* dv, int64_t P, int64_t H, int64_t W, int64_t Wp, int64_t d,
-                      int64_t r, T scale) {
-  using Vec = Vectorized<T>;
-  const int64_t side = std::min<int64_t>(2 * r + 1, std::max(H, W));
-  at::parallel_for(0, P * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s(side * row_stride<T>(side)), dp(side * row_stride<T>(side));
-    for (int64_t ph = begin; ph < end; ++ph) {
-      const int64_t p = ph / H, y = ph % H;
-      int64_t y0, y1;
-      bounds(y, r, H, y0, y1);
-      const T* qt_p = qt + p * H * d * Wp;
-      const T* dt_p = dout_t + p * H * d * Wp;
-      const T* q_p = q + p * H * W * d;
-      const T* do_p = dout + p * H * W * d;
-      const T* lse_p = lse + p * H * Wp;  // lse and D: (P, H, Wp), padded like the transposed tensors
-      const T* D_p = D + p * H * Wp;
-      for (int64_t x = 0; x < W; ++x) {
-        int64_t x0, x1;
-        bounds(x, r, W, x0, x1);
-        const int64_t j = (p * H + y) * W + x, nx = x1 - x0, ns = row_stride<T>(nx);
-        window_scores(k + j * d, qt_p, y0, y1, x0, x1, Wp, d, ns, scale, s.data());
-        window_scores(v + j * d, dt_p, y0, y1, x0, x1, Wp, d, ns, T(1), dp.data());
-        for (int64_t qy = y0; qy < y1; ++qy) {
-          T* sr = s.data() + (qy - y0) * ns;
-          T* dr = dp.data() + (qy - y0) * ns;
-          for (int64_t t = 0; t < ns; t += Vec::size()) {
-            const Vec p = vexp(Vec::loadu(sr + t) - Vec::loadu(lse_p + qy * Wp + x0 + t));
-            p.store(sr + t);
-            (p * (Vec::loadu(dr + t) - Vec::loadu(D_p + qy * Wp + x0 + t)) * Vec(scale)).store(dr + t);
+      T* dk_p = dk + p * H * W * d;
+      T* dv_p = dv + p * H * W * d;
+      for (int64_t y = 0; y < H; ++y) {
+        for (int64_t x = 0; x < W; x += TQ) {
+          const Block b(p, y, x, H, W, r, V);
+          T* sq[TQ];
+          T* dq_s[TQ];
+          for (int64_t t = 0; t < b.nq; ++t) {
+            sq[t] = s.data() + t * b.st;
+            dq_s[t] = dp.data() + t * b.st;
           }
-        }
-        T* dkj = dk + j * d;
-        T* dvj = dv + j * d;
-        std::fill(dkj, dkj + d, T(0));
-        std::fill(dvj, dvj + d, T(0));
-        for (int64_t qy = y0; qy < y1; ++qy) {
-          accumulate<T, NV>(dp.data() + (qy - y0) * ns, q_p + (qy * W + x0) * d, nx, d, dkj);
-          accumulate<T, NV>(s.data() + (qy - y0) * ns, do_p + (qy * W + x0) * d, nx, d, dvj);
+          block_scores_all(b, q + b.i0 * d, kt_p, Wp, d, scale, sq, true);
+          block_scores_all(b, dout + b.i0 * d, vt_p, Wp, d, T(1), dq_s, false);
+          for (int64_t t = 0; t < b.nq; ++t) {  // s <- p, dp <- dS (0 outside the window, where p is)
+            const Vec l(lse[b.i0 + t]), Di(D[b.i0 + t]), sc(scale);
+            for (int64_t j = 0; j < b.st; j += V) {
+              const Vec pj = vexp(Vec::loadu(sq[t] + j) - l);
+              pj.store(sq[t] + j);
+              (pj * (Vec::loadu(dq_s[t] + j) - Di) * sc).store(dq_s[t] + j);
+            }
+          }
+          T* dq_b = dq + b.i0 * d;
+          std::fill(dq_b, dq_b + b.nq * d, T(0));
+          for_groups<G>(b, W, [&](int64_t g, int64_t t0, int64_t off, int64_t key, int64_t n) {
+            gather<T, NV, G>(g, dq_s + t0, off, k_p + key * d, n, d, dq_b + t0 * d);
+            scatter<T, NV, G>(g, dq_s + t0, off, q + (b.i0 + t0) * d, n, d, dk_p + key * d);
+            scatter<T, NV, G>(g, sq + t0, off, dout + (b.i0 + t0) * d, n, d, dv_p + key * d);
+          });
         }
       }
     }
@@ -418,13 +418,6 @@ void check(const torch::Tensor& t, const char* name) {
 torch::Tensor transposed(const torch::Tensor& x, int64_t pad) {
   auto out = torch::zeros({x.size(0), x.size(1), x.size(3), x.size(2) + pad}, x.options());
   out.narrow(3, 0, x.size(2)).copy_(x.transpose(2, 3));
-  return out;
-}
-
-// (P, H, W) -> (P, H, W + pad), padded with `value`.
-torch::Tensor padded(const torch::Tensor& x, int64_t pad, double value) {
-  auto out = torch::full({x.size(0), x.size(1), x.size(2) + pad}, value, x.options());
-  out.narrow(2, 0, x.size(2)).copy_(x);
   return out;
 }
 
@@ -464,23 +457,17 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
                                     torch::Tensor lse, torch::Tensor D, int64_t r, double scale) {
   for (auto* t : {&q, &k, &v, &dout}) check(*t, "q, k, v, dout");
   const int64_t P = q.size(0), H = q.size(1), W = q.size(2), d = q.size(3);
-  auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
+  auto dq = torch::empty_like(q), dk = torch::zeros_like(k), dv = torch::zeros_like(v);
   lse = lse.contiguous();
   D = D.contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nerd_na_backward", [&] {
     constexpr int64_t V = Vectorized<scalar_t>::size();
-    auto q_t = transposed(q, V), k_t = transposed(k, V), v_t = transposed(v, V), dout_t = transposed(dout, V);
-    auto lse_p = padded(lse, V, 0.0), D_p = padded(D, V, 0.0);
+    auto k_t = transposed(k, V), v_t = transposed(v, V);
     with_nv<scalar_t>(d, [&](auto nv) {
-      constexpr int NV = decltype(nv)::value;
-      backward_q_impl<scalar_t, NV>(q.data_ptr<scalar_t>(), k_t.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                    v_t.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                                    D.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), P, H, W, W + V, d, r,
-                                    scalar_t(scale));
-      backward_kv_impl<scalar_t, NV>(q_t.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                     v.data_ptr<scalar_t>(), dout_t.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>(),
-                                     lse_p.data_ptr<scalar_t>(), D_p.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
-                                     dv.data_ptr<scalar_t>(), P, H, W, W + V, d, r, scalar_t(scale));
+      backward_impl<scalar_t, decltype(nv)::value>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), k_t.data_ptr<scalar_t>(), v_t.data_ptr<scalar_t>(),
+          dout.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+          dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), P, H, W, W + V, d, r, scalar_t(scale));
     });
   });
   return {dq, dk, dv};
