@@ -89,6 +89,12 @@ def _shipped_solve(which: str = "shipped") -> Callable[[dict, int], bool]:
     return test
 
 
+def _results(name: str) -> dict | None:
+    """results/<name> (a JSON results file) read, or None when it is not there yet."""
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _eval_files(pattern: str) -> list[Path]:
     """Reports under results/eval and its earlier-17it/ folder (the reports of the earlier default, kept apart
     because a new run of the same weights and set writes the same file name)."""
@@ -268,10 +274,9 @@ def colour_table(full: bool = False) -> str:
 def colour_study_table() -> str:
     """results/colour/study.json (`scripts/colour_study.py`): every colour method on Kodak24 crops, per sigma, the
     mean over the images every method has, against per-channel RGB."""
-    path = RESULTS / "colour" / "study.json"
-    if not path.is_file():
+    data = _results("colour/study.json")
+    if data is None:
         return "_not measured yet: `python scripts/colour_study.py`_"
-    data = json.loads(path.read_text())
     meta, out = data["meta"], []
     for sigma in sorted({r["sigma"] for r in data["rows"]}):
         rows = [r for r in data["rows"] if r["sigma"] == sigma]
@@ -854,10 +859,9 @@ def chosen_budget(rows: list[dict]) -> int:
 def budget_table() -> str:
     """results/budget/budget.json (`scripts/choose_budget.py`): validation PSNR against the solver's iteration cap,
     per shipped file, and the budget each would take."""
-    path = RESULTS / "budget" / "budget.json"
-    if not path.is_file():
+    data = _results("budget/budget.json")
+    if data is None:
         return "_not measured yet: `python scripts/choose_budget.py`_"
-    data = json.loads(path.read_text())
     caps = [4, 5, 6, 7, 8, 10, 12, 17]
     lines = [f"`python scripts/choose_budget.py` (torch {data['meta']['torch']}; {len(data['meta']['images'])} "
              "held-out Train400 images, whole; change of the mean PSNR from the 17-iteration solve, dB):", "",
@@ -883,8 +887,7 @@ def chosen_rule(rules: list[dict]) -> dict:
 def rules_table() -> str:
     """results/budget/budget.json: the stopping rules "relative residual below tol, else 17 iterations" per shipped
     file: f-evaluations and the change of the mean and worst-image PSNR, and the rule each file ships with."""
-    path = RESULTS / "budget" / "budget.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    data = _results("budget/budget.json") or {}
     if not all("rules" in res for res in data.get("results", [{}])):
         return "_not measured yet: `python scripts/choose_budget.py`_"
     tols = [r["tol"] for r in data["results"][0]["rules"]]
@@ -905,10 +908,9 @@ def rules_table() -> str:
 def large_image_table() -> str:
     """results/bench/large-image.json (`scripts/large_image_check.py`): the whole `nerd denoise` process on large
     synthetic photos, its peak resident size beside the tile planner's estimate."""
-    path = RESULTS / "bench" / "large-image.json"
-    if not path.is_file():
+    data = _results("bench/large-image.json")
+    if data is None:
         return "_not measured yet: `python scripts/large_image_check.py`_"
-    data = json.loads(path.read_text())
     rows = data["rows"]
     sizes = " ".join(f"{r['megapixels']:.0f}" for r in rows)
     lines = [f"`python scripts/large_image_check.py --megapixels {sizes} --tile {rows[0]['tile']} "
@@ -925,10 +927,9 @@ def large_image_table() -> str:
 
 def onnx_table() -> str:
     """results/bench/onnx.json (`scripts/onnx_check.py`): the ONNX export beside PyTorch on the same images."""
-    path = RESULTS / "bench" / "onnx.json"
-    if not path.is_file():
+    data = _results("bench/onnx.json")
+    if data is None:
         return "_not measured yet: `python scripts/onnx_check.py`_"
-    data = json.loads(path.read_text())
     m = data["meta"]
     lines = [f"`{m['command'].strip()}` ({m['weights']}, {m['iters']} iterations, tol {m['tol']:g}; "
              f"torch {m['torch']}, onnxruntime {m['onnxruntime']}, {m['threads']} threads each on {m['device_name']}, "
@@ -989,18 +990,17 @@ def pnp_table() -> str:
 
 def process_table() -> str:
     """results/bench/process.json (`scripts/process_bench.py`): whole `nerd denoise` processes against whole BM3D
-    processes on the same noisy files, and what the budget gives up against 17 iterations."""
-    path = RESULTS / "bench" / "process.json"
-    if not path.is_file():
+    processes on the same noisy files, and what the shipped stopping rule gives up against 17 iterations."""
+    data = _results("bench/process.json")
+    if data is None:
         return "_not measured yet: `python scripts/process_bench.py`_"
-    data = json.loads(path.read_text())
     m = data["meta"]
     lines = [f"`python scripts/process_bench.py` ({m['cpu']}, {m['capability']}, {m['cores']} cores, torch "
              f"{m['torch']}, attention: {m['attention']}; σ {m['sigma']:g}; medians of "
              f"{len(data['rows'][0]['times']['nerd'])} interleaved runs; 1-minute load {m['loadavg_start']:.1f} at "
              f"the start, {m['loadavg_end']:.1f} at the end):", "",
              "| image | nerd denoise (s) | BM3D (s) | nerd / BM3D time | nerd PSNR | BM3D PSNR "
-             "| nerd, 17 iterations: s, PSNR | budget's PSNR loss (dB) |",
+             "| nerd, 17 iterations: s, PSNR | the rule's PSNR loss (dB) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in data["rows"]:
         sec, db = r["seconds"], r["psnr"]
@@ -1010,13 +1010,35 @@ def process_table() -> str:
     return "\n".join(lines)
 
 
+def feval_profile_table() -> str:
+    """results/bench/feval-profile.json (`scripts/feval_profile.py`): one f-evaluation's time by operator group,
+    each group's useful FLOPs against the fp32 matmul rate."""
+    data = _results("bench/feval-profile.json")
+    if data is None:
+        return "_not measured yet: `python scripts/feval_profile.py`_"
+    m = data["meta"]
+    lines = [f"`python scripts/feval_profile.py` ({m['weights']}, {m['image'][1]}×{m['image'][0]}, {m['capability']}, "
+             f"{m['threads']} threads, torch {m['torch']}, attention: {m['attention']}; median of {m['repeats']} "
+             f"f-evaluations, split by one `torch.profiler` pass; fp32 matmul {data['matmul_gflops']:.0f} GFLOP/s):",
+             "", "| part | s | share | useful GFLOP | GFLOP/s | s at the matmul rate |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in data["rows"]:
+        rate = f"{r['gflops']:.0f}" if r["gflops"] else "–"
+        gflop = f"{r['gflop']:.1f}" if r["gflop"] else "–"
+        lines.append(f"| {r['group']} | {r['seconds']:.3f} | {100 * r['share']:.0f} % | {gflop} | {rate} "
+                     f"| {r['seconds_at_matmul_rate']:.3f} |")
+    lines.append(f"| **one f-evaluation** | **{data['seconds']:.3f}** | 100 % | {data['gflop']:.1f} "
+                 f"| {data['gflops']:.0f} ({100 * data['fraction_of_matmul']:.0f} % of matmul) "
+                 f"| {data['seconds_at_matmul_rate']:.3f} |")
+    return "\n".join(lines)
+
+
 def train_speed_table() -> str:
     """results/bench/train-speed.json (`scripts/train_speed.py`): training steps with the CPU attention kernel
     against the SDPA path, one process, the same seed."""
-    path = RESULTS / "bench" / "train-speed.json"
-    if not path.is_file():
+    data = _results("bench/train-speed.json")
+    if data is None:
         return "_not measured yet: `python scripts/train_speed.py`_"
-    data = json.loads(path.read_text())
     m = data["meta"]
     n = len(data["times"]["kernel"])
     lines = [f"`python scripts/train_speed.py` ({m['recipe']}'s settings at {m['crop']}² crops × {m['batch']}, "
@@ -1054,6 +1076,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "solver-stats": lambda base: solver_table(),
     "budget": lambda base: budget_table(),
     "rules": lambda base: rules_table(),
+    "feval-profile": lambda base: feval_profile_table(),
     "large-image": lambda base: large_image_table(),
     "onnx": lambda base: onnx_table(),
     "pnp": lambda base: pnp_table(),
