@@ -4,8 +4,9 @@
 
 The shipped sigma-25 weights' implicit layer on a 768x512 image (the process benchmark's photo size), in fp32 on the
 CPU with the default attention path: the fp32 matmul rate of this machine (its fastest 2048² matmul, timed between
-the f-evaluations, since the clock of a shared machine wanders), the median time of one f-evaluation, and a `torch.profiler` pass over one more, its operators grouped (attention, 3x3 convolutions, the
-q/k/v and output projections, GroupNorm, and the layout copies and element-wise work between them). Each group's
+the f-evaluations, since the clock of a shared machine wanders), the median time of one f-evaluation, and a
+`torch.profiler` pass over one more, its operators grouped (attention, 3x3 convolutions, the q/k/v and output
+projections, GroupNorm, and the layout copies and element-wise work between them). Each group's
 useful FLOPs are counted analytically (`nerd.lab.bench.implicit_layer_flops`: the attention over each query's
 truncated window, not what a kernel computes) and set against its time. The last column of each row is what the
 group would take at the matmul rate: the sum bounds any fp32 f-evaluation on this machine from below.

@@ -293,9 +293,9 @@ def _ticks(model: Any, bar: Any, show: bool) -> Iterator[None]:
 
 
 def convergence(summary: DenoiseSummary) -> str:
-    """What stopped the solve(s): 'converged (rel residual 2.12e-02 < tol 0.025)'; 'stopped at the 17-iteration budget (rel
-    residual 4.90e-03)' when the cap ended it near an equilibrium; 'NOT converged [in k of n tiles/channels] (rel
-    residual 2.1e-01 > 5e-02)' only when a solve ended far from one (`DenoiseSummary.alarm`)."""
+    """What stopped the solve(s): 'converged (rel residual 2.12e-02 < tol 0.025)'; 'stopped at the 17-iteration
+    budget (rel residual 4.90e-03)' when the cap ended it near an equilibrium; 'NOT converged [in k of n
+    tiles/channels] (rel residual 2.1e-01 > 5e-02)' only when a solve ended far from one (`DenoiseSummary.alarm`)."""
     largest = "largest " if summary.several else ""
     # two decimals: one would print a residual just above a threshold as equal to it ("1.0e-03 > tol 1e-03")
     residual = f"{largest}rel residual {summary.rel_residual:.2e}"
