@@ -4,7 +4,7 @@ docs/img/serve.png.
     python scripts/serve_screenshot.py [--out docs/img/serve.png] [--iterate K]
 
 Needs gradio and selenium (pip install -e '.[test]') and Debian's chromium + chromium-driver. The sample is
-denoised with the shipped sigma-25 weights at their own budget (a minute on a 2-core CPU); the iteration view is
+denoised with the shipped sigma-25 weights and their own stopping rule (a minute on a 2-core CPU); the iteration view is
 left at iterate K (default: the last). The page is captured 1400 px wide and stored 1200 px wide as a 128-colour
 PNG (under 300 KB).
 """

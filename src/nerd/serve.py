@@ -264,8 +264,8 @@ class Engine:
         return found
 
     def budgets(self) -> dict[str, int]:
-        """{weights name: the solver budget (max_iter) stored with it}: what a solve runs when the iteration dial is
-        left at 0 (shipped: 6 at sigma 15 and 25, 11 at 50)."""
+        """{weights name: the iteration cap (max_iter) of the solver stored with it}: the most a solve runs when the
+        iteration dial is left at 0 (shipped: 17, each solve stopping earlier once below its tolerance)."""
         from nerd.config import solver_config_from_json
         from nerd.weights import read_metadata, resolve
 
@@ -569,7 +569,8 @@ def build_app(engine: Engine) -> Any:
                                   elem_id="sigma")
                 iters = gr.Slider(0, max(2 * max(budgets.values()), 30), value=0, step=1,
                                   label="Solver iterations (cap)", elem_id="iters",
-                                  info=f"0: the weights' own budget ({own}); fewer: faster, more: closer to z*")
+                                  info=f"0: the weights' own solver (at most {own} iterations, fewer once "
+                                       "it converges); a number caps it: fewer, faster; more, closer to z*")
                 run = gr.Button("Denoise", variant="primary", elem_id="denoise")
                 download = gr.DownloadButton("Download the result", visible=False, elem_id="download")
             with gr.Column(scale=2):
