@@ -75,7 +75,7 @@ def test_8bit_png_round_trip(capsys, tmp_path, noisy, weights):
 def test_no_progress_keeps_the_report_and_drops_the_bar(capsys, tmp_path, noisy, weights):
     argv = ["denoise", noisy, "-o", tmp_path / "o.png", "--weights", weights, "--iters", 2]
     rc, out, err = cli(capsys, *argv)
-    assert rc == 0 and "f-eval" in err  # the bar, on stderr
+    assert rc == 0 and "f-eval" in err and "stops below" in err  # the bar, on stderr, with the residual
     rc, out, err = cli(capsys, *argv, "--no-progress")
     assert rc == 0 and "f-eval" not in err and "a.png: 31x37" in out
     rc, out, err = cli(capsys, *argv, "--quiet")
@@ -498,7 +498,7 @@ def test_progress_bar_counts_f_evaluations_and_changes_nothing(monkeypatch):
     class Bar(contextlib.nullcontext):  # records what the real bar would show
         def __init__(self) -> None:
             super().__init__()
-            self.n, self.ticks = 0, 0
+            self.n, self.ticks, self.postfix = 0, 0, ""
 
         def __enter__(self) -> Bar:
             return self
@@ -506,6 +506,9 @@ def test_progress_bar_counts_f_evaluations_and_changes_nothing(monkeypatch):
         def update(self, k: int | None = None) -> None:  # no argument: one f-evaluation (the hook)
             self.ticks += k is None
             self.n += 1 if k is None else k
+
+        def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+            self.postfix = text
 
     bars: list[tuple[int, Bar]] = []
     monkeypatch.setattr(nerd.denoise, "_bar", lambda total, show: bars.append((total, Bar())) or bars[-1][1])
@@ -518,6 +521,9 @@ def test_progress_bar_counts_f_evaluations_and_changes_nothing(monkeypatch):
         total, bar = bars[-1]
         assert total == 10 and bar.n == 10  # 2 solves x 5 f-evaluations at most
         assert bar.ticks == 10 if tol == 0 else 2 <= bar.ticks < 10, bar.ticks
+        # with a tolerance, the last evaluation's residual beside it (tol 0 stops nothing: no postfix)
+        assert (bar.postfix.startswith("residual ") and bar.postfix.endswith("stops below 0.9")) if tol else \
+            not bar.postfix
     assert not model.layer._forward_hooks  # the hook is gone afterwards
     again, _ = denoise_image(model, y, 25, solver=solver, device="cpu", ensemble=2)
     np.testing.assert_array_equal(shown, again)

@@ -209,7 +209,7 @@ def _denoise_planes(
             acc = torch.zeros_like(y_t) if tile is not None else None
             norm = torch.zeros_like(y_t[0]) if tile is not None else None
             solves = len(pieces) * ensemble
-            with _bar(solves * solver.max_iter, progress) as bar, _ticks(model, bar, progress):
+            with _bar(solves * solver.max_iter, progress) as bar, _ticks(model, bar, progress, solver.tol):
                 done = [0]  # solves finished
 
                 def next_solve() -> None:
@@ -277,14 +277,21 @@ def _bar(total: int, show: bool) -> Any:
 
 
 @contextlib.contextmanager
-def _ticks(model: Any, bar: Any, show: bool) -> Iterator[None]:
+def _ticks(model: Any, bar: Any, show: bool, tol: float | None = None) -> Iterator[None]:
     """Advance `bar` at every f-evaluation: a forward hook on the model's implicit layer (the solver engine knows
-    nothing of progress bars, and a whole-image solve can take minutes)."""
-    def tick(*_: Any) -> None:  # returns None: a forward hook's return value would replace the layer's output
+    nothing of progress bars, and a whole-image solve can take minutes). With `tol`, the bar also shows the
+    largest relative residual ||f(z) - z|| / ||f(z)|| of the batch's planes at that evaluation beside the tolerance
+    that stops a solve: the bar's total is the cap, and a solve that converges ends well before it."""
+    def tick(_module: Any, args: Any, out: Any) -> None:  # None: a forward hook's return would replace the output
         bar.update()
+        if tol:
+            diff = (out - args[0]).flatten(1).norm(dim=1) / out.flatten(1).norm(dim=1).clamp_min(1e-12)
+            bar.set_postfix_str(f"residual {float(diff.max()):.1e}, stops below {tol:g}", refresh=False)
 
     layer = getattr(model, "layer", None)
     handle = layer.register_forward_hook(tick) if show and layer is not None else None
+    if handle is not None and tol:
+        bar.set_postfix_str(f"stops below {tol:g}")
     try:
         yield
     finally:
