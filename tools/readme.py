@@ -1033,6 +1033,24 @@ def feval_profile_table() -> str:
     return "\n".join(lines)
 
 
+def warm_start_table() -> str:
+    """results/bench/warm-start.json (`scripts/warm_start_check.py`): the self-ensemble with each solve started from
+    the previous symmetry's equilibrium, against every solve from z = 0."""
+    data = _results("bench/warm-start.json")
+    if data is None:
+        return "_not measured yet: `python scripts/warm_start_check.py`_"
+    m = data["meta"]
+    lines = [f"`python scripts/warm_start_check.py --sigma ...` (the {data['rows'][0]['images']} held-out images, "
+             f"`--ensemble 8`, the shipped weights and their stopping rule, tol {m['tol']:g}; torch {m['torch']}):",
+             "", "| σ | start of each solve | PSNR (dB) | f-evaluations a solve | vs from z = 0 (dB, mean / worst) |",
+             "| ---: | --- | ---: | ---: | ---: |"]
+    for r in data["rows"]:
+        start = "z = 0" if r["mode"] == "cold" else "the previous equilibrium, turned"
+        change = "–" if r["mode"] == "cold" else f"{r['delta_db']:+.3f} / {r['worst_delta_db']:+.3f}"
+        lines.append(f"| {r['sigma']} | {start} | {r['psnr']:.3f} | {r['nfe_per_solve']:.2f} | {change} |")
+    return "\n".join(lines)
+
+
 def train_speed_table() -> str:
     """results/bench/train-speed.json (`scripts/train_speed.py`): training steps with the CPU attention kernel
     against the SDPA path, one process, the same seed."""
@@ -1077,6 +1095,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "budget": lambda base: budget_table(),
     "rules": lambda base: rules_table(),
     "feval-profile": lambda base: feval_profile_table(),
+    "warm-start": lambda base: warm_start_table(),
     "large-image": lambda base: large_image_table(),
     "onnx": lambda base: onnx_table(),
     "pnp": lambda base: pnp_table(),
