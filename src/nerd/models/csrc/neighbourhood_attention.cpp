@@ -40,47 +40,13 @@ inline Vectorized<T> vexp(const Vectorized<T>& x) {
   }
 }
 
-// acc[0:d] += sum_j w[j] * rows[j * d : j * d + d] over n rows; NV = d / V vectors held in registers (NV = 0: any d).
-template <typename T, int NV>
+// acc[0:d] += sum_j w[j] * rows[j * d : j * d + d] over n rows, for any d (a head size that is not a multiple of
+// the vector width; `group_accumulate` is the vectorised form).
+template <typename T>
 inline void accumulate(const T* w, const T* rows, int64_t n, int64_t d, T* acc) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t V = Vec::size();
-  if constexpr (NV == 0) {
-    for (int64_t j = 0; j < n; ++j) {
-      const T wj = w[j];
-      for (int64_t c = 0; c < d; ++c) acc[c] += wj * rows[j * d + c];
-    }
-  } else {
-    // U independent sets of accumulators over consecutive rows: one set would wait on its own multiply-add
-    // latency at every row.
-    constexpr int U = NV >= 4 ? 2 : 4;
-    Vec r[U][NV];
-#pragma GCC unroll 8
-    for (int t = 0; t < NV; ++t) {
-      r[0][t] = Vec::loadu(acc + t * V);
-#pragma GCC unroll 4
-      for (int u = 1; u < U; ++u) r[u][t] = Vec(T(0));
-    }
-    int64_t j = 0;
-    for (; j + U <= n; j += U) {
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) {
-        const Vec wj(w[j + u]);
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) r[u][t] = at::vec::fmadd(wj, Vec::loadu(rows + (j + u) * d + t * V), r[u][t]);
-      }
-    }
-    for (; j < n; ++j) {
-      const Vec wj(w[j]);
-#pragma GCC unroll 8
-      for (int t = 0; t < NV; ++t) r[0][t] = at::vec::fmadd(wj, Vec::loadu(rows + j * d + t * V), r[0][t]);
-    }
-#pragma GCC unroll 8
-    for (int t = 0; t < NV; ++t) {
-#pragma GCC unroll 4
-      for (int u = 1; u < U; ++u) r[0][t] = r[0][t] + r[u][t];
-      r[0][t].store(acc + t * V);
-    }
+  for (int64_t j = 0; j < n; ++j) {
+    const T wj = w[j];
+    for (int64_t c = 0; c < d; ++c) acc[c] += wj * rows[j * d + c];
   }
 }
 
@@ -205,7 +171,7 @@ inline void group_scatter(const T* const* w, const T* const* a, int64_t n, int64
 template <typename T, int NV, int G>
 inline void gather(int64_t g, T* const* w, int64_t off, const T* rows, int64_t n, int64_t d, T* acc0) {
   if constexpr (NV == 0) {
-    for (int64_t t = 0; t < g; ++t) accumulate<T, 0>(w[t] + off, rows, n, d, acc0 + t * d);
+    for (int64_t t = 0; t < g; ++t) accumulate<T>(w[t] + off, rows, n, d, acc0 + t * d);
   } else {
     const T* wt[G];
     T* at[G];
